@@ -1,0 +1,296 @@
+package qcow2
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+)
+
+// Check walks every structure that references clusters, counts the
+// references, and compares them with the stored refcounts, like
+// `qemu-img check`. With RepairLeaks it lowers refcounts that are too high;
+// with RepairAll it also raises those that are too low.
+func Check(path string, o CheckOptions) (*CheckResult, error) {
+	repair := o.RepairLeaks || o.RepairAll
+	im, err := Open(path, OpenOptions{ReadOnly: !repair, NoBacking: true, NoRepair: true})
+	if err != nil {
+		return nil, err
+	}
+	im.dirtySet = true // repairs must not set the dirty bit
+	im.meta.Lock()
+	res, err := im.checkLocked(o)
+	if err == nil && repair && im.h.incompatible&incDirty != 0 && res.Corruptions == res.CorruptionsFixed && res.Leaks == res.LeaksFixed {
+		im.h.incompatible &^= incDirty
+		err = im.writeHeaderField(offIncompatible, im.h.incompatible)
+	}
+	im.meta.Unlock()
+	im.dirtySet = false
+	if cerr := im.Close(); err == nil && cerr != nil && cerr != ErrClosed {
+		err = cerr
+	}
+	return res, err
+}
+
+// refCounter accumulates computed references per cluster.
+type refCounter struct {
+	im    *Image
+	refs  []uint64
+	res   *CheckResult
+	extra map[uint64]uint64 // references beyond the file end
+}
+
+func (r *refCounter) add(off, size uint64, what string) {
+	if size == 0 {
+		return
+	}
+	cs := r.im.clusterSize
+	for c := off / cs; c <= (off+size-1)/cs; c++ {
+		if c >= uint64(len(r.refs)) {
+			r.res.Corruptions++
+			r.res.Messages = append(r.res.Messages, fmt.Sprintf("ERROR %s at offset %d lies beyond the end of the image file", what, c*cs))
+			return
+		}
+		r.refs[c]++
+	}
+}
+
+func (im *Image) checkLocked(o CheckOptions) (*CheckResult, error) {
+	res := &CheckResult{}
+	refs, err := im.countRefs(res)
+	if err != nil {
+		return res, err
+	}
+	// Compare with stored refcounts, also beyond the file end where a
+	// refcount block covers clusters.
+	limit := uint64(len(refs))
+	for idx, b := range im.rt {
+		if b != 0 {
+			limit = max(limit, uint64(idx+1)<<im.rbBits)
+		}
+	}
+	for c := uint64(0); c < limit; c++ {
+		idx := c >> im.rbBits
+		if idx >= uint64(len(im.rt)) || im.rt[idx] == 0 {
+			if c < uint64(len(refs)) && refs[c] > 0 {
+				// fallthrough to comparison with stored 0
+			} else {
+				c = (idx+1)<<im.rbBits - 1
+				continue
+			}
+		}
+		stored, err := im.refcount(c)
+		if err != nil {
+			return res, err
+		}
+		var want uint64
+		if c < uint64(len(refs)) {
+			want = refs[c]
+		}
+		if stored > 0 {
+			res.ImageEndOffset = max(res.ImageEndOffset, (c+1)*im.clusterSize)
+		}
+		if stored == want {
+			continue
+		}
+		fix := stored > want && (o.RepairLeaks || o.RepairAll) || stored < want && o.RepairAll
+		word := "Leaked"
+		if stored < want {
+			word = "ERROR"
+			res.Corruptions++
+		} else {
+			res.Leaks++
+		}
+		if fix {
+			word = "Repairing"
+		}
+		res.Messages = append(res.Messages, fmt.Sprintf("%s cluster %d refcount=%d reference=%d", word, c, stored, want))
+		if fix {
+			if err := im.addRefcount(c, 1, int64(want)-int64(stored)); err != nil {
+				return res, fmt.Errorf("repairing cluster %d: %w", c, err)
+			}
+			if stored < want {
+				res.CorruptionsFixed++
+			} else {
+				res.LeaksFixed++
+			}
+		}
+	}
+	// COPIED flags of the active tables must agree with the refcounts.
+	for i, e := range im.l1 {
+		off := e & l1OffsetMask
+		if off == 0 {
+			continue
+		}
+		rc, err := im.refcount(off >> im.clusterBits)
+		if err != nil {
+			return res, err
+		}
+		if (rc == 1) != (e&oflagCopied != 0) {
+			res.Corruptions++
+			res.Messages = append(res.Messages, fmt.Sprintf("ERROR OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", i, e, rc))
+		}
+		t, err := im.loadTable(im.l2cache, off)
+		if err != nil {
+			return res, err
+		}
+		for j := uint64(0); j < im.clusterSize/8; j++ {
+			le := l2Entry(binary.BigEndian.Uint64(t[j*8:]))
+			if k := le.kind(); (k == kindNormal || k == kindZero) && le.offset() != 0 {
+				rc, err := im.refcount(le.offset() >> im.clusterBits)
+				if err != nil {
+					return res, err
+				}
+				if (rc == 1) != le.copied() {
+					res.Corruptions++
+					res.Messages = append(res.Messages, fmt.Sprintf("ERROR OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", uint64(le), rc))
+				}
+			}
+		}
+	}
+	return res, nil
+}
+
+// countRefs computes the references every cluster should have.
+func (im *Image) countRefs(res *CheckResult) ([]uint64, error) {
+	st, err := im.f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	cs := im.clusterSize
+	nb := alignUp(uint64(st.Size()), cs) / cs
+	r := &refCounter{im: im, refs: make([]uint64, nb), res: res}
+	r.add(0, cs, "header")
+	res.TotalClusters = (im.h.size + cs - 1) / cs
+	// Active L1 and everything below it.
+	if err := im.countL1(r, im.h.l1Offset, im.l1, true); err != nil {
+		return nil, err
+	}
+	// Refcount table and blocks.
+	r.add(im.h.refcountOffset, uint64(im.h.refcountClusters)*cs, "refcount table")
+	for _, b := range im.rt {
+		if b != 0 {
+			r.add(b, cs, "refcount block")
+		}
+	}
+	// Snapshots: their table, L1 tables and what those reference.
+	if len(im.snapshots) > 0 {
+		r.add(im.h.snapshotsOffset, im.snapshotTableSize(), "snapshot table")
+		for _, s := range im.snapshots {
+			l1, err := im.readL1(s.l1Offset, s.l1Size)
+			if err != nil {
+				return nil, err
+			}
+			if err := im.countL1(r, s.l1Offset, l1, false); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if z := im.h.zoned; z != nil {
+		r.add(z.MetaOffset, alignUp(z.MetaSize, cs), "write-pointer table")
+	}
+	return r.refs, nil
+}
+
+func (im *Image) readL1(off uint64, n uint32) ([]uint64, error) {
+	buf := make([]byte, uint64(n)*8)
+	if _, err := im.f.ReadAt(buf, int64(off)); err != nil {
+		return nil, fmt.Errorf("reading L1 table at %d: %w", off, err)
+	}
+	l1 := make([]uint64, n)
+	for i := range l1 {
+		l1[i] = binary.BigEndian.Uint64(buf[i*8:])
+	}
+	return l1, nil
+}
+
+// countL1 adds the references of an L1 table, its L2 tables and data.
+func (im *Image) countL1(r *refCounter, off uint64, l1 []uint64, active bool) error {
+	cs := im.clusterSize
+	r.add(off, uint64(len(l1))*8, "L1 table")
+	prevData := uint64(0)
+	for i, e := range l1 {
+		l2off := e & l1OffsetMask
+		if l2off == 0 {
+			continue
+		}
+		if l2off%cs != 0 || l2off >= uint64(len(r.refs))*cs {
+			r.res.Corruptions++
+			r.res.Messages = append(r.res.Messages, fmt.Sprintf("ERROR l2_offset=%x: L2 table is not cluster aligned or beyond the end of the file; L1 index %d", l2off, i))
+			continue
+		}
+		r.add(l2off, cs, "L2 table")
+		t := make([]byte, cs)
+		if _, err := im.f.ReadAt(t, int64(l2off)); err != nil {
+			return err
+		}
+		for j := uint64(0); j < cs/8; j++ {
+			le := l2Entry(binary.BigEndian.Uint64(t[j*8:]))
+			switch le.kind() {
+			case kindNormal, kindZero:
+				o := le.offset()
+				if o == 0 {
+					continue
+				}
+				if o%cs != 0 {
+					r.res.Corruptions++
+					r.res.Messages = append(r.res.Messages, fmt.Sprintf("ERROR offset=%x: data cluster is not properly aligned; L2 entry corrupted", o))
+					continue
+				}
+				r.add(o, cs, "data cluster")
+				if active {
+					r.res.AllocatedClusters++
+					if prevData != 0 && o != prevData+cs {
+						r.res.FragmentedClusters++
+					}
+					prevData = o
+				}
+			case kindCompressed:
+				o, sz := im.compressedRange(le)
+				if end := uint64(len(r.refs)) * cs; o+sz > end && o < end {
+					sz = end - o
+				}
+				r.add(o, sz, "compressed cluster")
+				if active {
+					r.res.AllocatedClusters++
+					r.res.CompressedClusters++
+					prevData = 0
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// snapshotTableSize returns the byte length of the snapshot table.
+func (im *Image) snapshotTableSize() uint64 {
+	off := im.h.snapshotsOffset
+	var hdr [40]byte
+	for range im.snapshots {
+		if _, err := im.f.ReadAt(hdr[:], int64(off)); err != nil {
+			break
+		}
+		extra := uint64(binary.BigEndian.Uint32(hdr[36:]))
+		off = alignUp(off+40+extra+uint64(binary.BigEndian.Uint16(hdr[12:]))+uint64(binary.BigEndian.Uint16(hdr[14:])), 8)
+	}
+	return off - im.h.snapshotsOffset
+}
+
+// rebuildRefcounts repairs the refcounts of a dirty image (one that was not
+// closed cleanly) so that they match the references. Caller owns im.
+func (im *Image) rebuildRefcounts() (*CheckResult, error) {
+	im.meta.Lock()
+	defer im.meta.Unlock()
+	saved := im.dirtySet
+	im.dirtySet = true
+	defer func() { im.dirtySet = saved }()
+	res, err := im.checkLocked(CheckOptions{RepairAll: true})
+	if err != nil {
+		return res, err
+	}
+	if res.Corruptions != res.CorruptionsFixed {
+		return res, fmt.Errorf("%w: %d problems could not be repaired", ErrCorrupt, res.Corruptions-res.CorruptionsFixed)
+	}
+	return res, nil
+}
+
+var _ = os.Stat
