@@ -271,3 +271,45 @@ func (z *ZonedExt) decodeWP(b []byte) (wp uint64, conventional bool) {
 	v := binary.BigEndian.Uint64(b)
 	return v & wpMaskB, v&wpConvFlagB != 0
 }
+
+// WritePointers returns the write-pointer table: each zone's write pointer
+// (absolute byte offset) and whether it is a conventional zone.
+func (im *Image) WritePointers() (wps []uint64, conventional []bool, err error) {
+	im.meta.Lock()
+	defer im.meta.Unlock()
+	z := im.h.zoned
+	if z == nil {
+		return nil, nil, fmt.Errorf("%w: not a zoned image", ErrUnsupported)
+	}
+	wps = make([]uint64, z.NrZones)
+	conventional = make([]bool, z.NrZones)
+	for i := range wps {
+		wps[i], conventional[i] = z.decodeWP(im.wpTableBuf[i*8:])
+	}
+	return wps, conventional, nil
+}
+
+// SetWritePointer records zone i's write pointer, written through to the
+// page cache (durable after Flush). The zone engine decides when it may be
+// called so that the durable pointer never exceeds durable data.
+func (im *Image) SetWritePointer(i uint32, wp uint64) error {
+	if im.ro {
+		return ErrReadOnly
+	}
+	im.meta.Lock()
+	defer im.meta.Unlock()
+	z := im.h.zoned
+	if z == nil {
+		return fmt.Errorf("%w: not a zoned image", ErrUnsupported)
+	}
+	if i >= z.NrZones || i < z.ConventionalZones {
+		return fmt.Errorf("%w: zone %d has no write pointer (nr_zones %d, conventional %d)", ErrOutOfRange, i, z.NrZones, z.ConventionalZones)
+	}
+	if start, end := z.zoneStart(i), z.WritableEnd(i, im.h.size); wp < start || wp > end || wp%512 != 0 {
+		return fmt.Errorf("%w: write pointer %d outside zone %d [%d, %d] or unaligned", ErrOutOfRange, wp, i, start, end)
+	}
+	b := im.wpTableBuf[i*8 : i*8+8]
+	z.encodeWP(b, wp, false)
+	_, err := im.f.WriteAt(b, int64(z.MetaOffset)+int64(i)*8)
+	return err
+}

@@ -1,0 +1,158 @@
+package qcow2
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+
+// seedOptions are the options of the seed patch's example command line.
+func seedOptions() CreateOptions {
+	return CreateOptions{Size: 768 << 20, Zoned: &ZonedOptions{
+		ZoneSize: u64(64 << 20), ZoneCapacity: u64(64 << 20), ConventionalZones: u32(0),
+		MaxAppendBytes: u64(4096), MaxOpenZones: u32(6), MaxActiveZones: u32(8),
+	}}
+}
+
+func TestZonedCreateAndReopen(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "zbc.qcow2")
+	if _, err := Create(path, seedOptions()); err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	z := im.Info().Zoned
+	if z == nil || z.NrZones != 12 || z.ZoneSize != 64<<20 || z.MaxOpenZones != 6 || z.MaxActiveZones != 8 ||
+		z.MaxAppendBytes != 4096 || z.MetaSize != 96 || z.Layout != LayoutA || z.MetaOffset%65536 != 0 {
+		t.Fatalf("zoned extension after reopen: %+v", z)
+	}
+	wps, conv, err := im.WritePointers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, wp := range wps {
+		if wp != uint64(i)*64<<20 || conv[i] {
+			t.Fatalf("zone %d: wp %d conv %v", i, wp, conv[i])
+		}
+	}
+	if err := im.SetWritePointer(3, 3*64<<20+4096); err != nil {
+		t.Fatal(err)
+	}
+	im.Close()
+	im, err = Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wps, _, _ = im.WritePointers()
+	if wps[3] != 3*64<<20+4096 {
+		t.Fatalf("write pointer not persisted: %d", wps[3])
+	}
+	im.Close()
+	if res, err := Check(path, CheckOptions{}); err != nil || res.ExitCode() != 0 {
+		t.Fatalf("check of a zoned image: %+v %v", res, err)
+	}
+}
+
+func TestZonedOptionErrors(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		mod  func(*ZonedOptions)
+		name string
+	}{
+		{func(z *ZonedOptions) { z.ZoneCapacity = u64(128 << 20) }, "zone.capacity"},
+		{func(z *ZonedOptions) { z.ZoneSize = u64(3 << 20) }, "zone.size"},
+		{func(z *ZonedOptions) { z.ZoneSize = u64(0) }, "zone.size"},
+		{func(z *ZonedOptions) { z.ZoneCapacity = u64(1000) }, "zone.capacity"},
+		{func(z *ZonedOptions) { z.MaxAppendBytes = u64(1000) }, "zone.max_append_bytes"},
+		{func(z *ZonedOptions) { z.MaxAppendBytes = u64(64 << 20) }, "zone.max_append_bytes"},
+		{func(z *ZonedOptions) { z.ConventionalZones = u32(12) }, "zone.conventional_zones"},
+	} {
+		o := seedOptions()
+		tc.mod(o.Zoned)
+		path := filepath.Join(dir, "bad.qcow2")
+		_, err := Create(path, o)
+		var oe *OptionError
+		if !errors.As(err, &oe) || oe.Name != tc.name || !errors.Is(err, ErrInvalidOption) {
+			t.Errorf("want an OptionError naming %s, got %v", tc.name, err)
+		}
+		if _, serr := os.Stat(path); serr == nil {
+			t.Errorf("%s: a file was left behind", tc.name)
+		}
+	}
+	// Too-large limits are clamped with a warning.
+	o := seedOptions()
+	o.Zoned.MaxActiveZones = u32(100)
+	o.Zoned.MaxOpenZones = u32(50)
+	w, err := Create(filepath.Join(dir, "clamp.qcow2"), o)
+	if err != nil || len(w) != 2 {
+		t.Fatalf("clamp: warnings %q err %v", w, err)
+	}
+}
+
+// TestZonedAgainstQemu: qemu-img (no zoned support) must refuse the image by
+// name; with the bit cleared it must see exactly the write-pointer table as
+// leaked clusters, since it does not know that extension's clusters.
+func TestZonedAgainstQemu(t *testing.T) {
+	qimg := needTool(t, "qemu-img", "qemu-utils")
+	dir := t.TempDir()
+	path := filepath.Join(dir, "zbc.qcow2")
+	o := seedOptions()
+	o.ClusterSize = 512 // 96-byte table... use many zones below to span clusters
+	o.Size = 64 << 20
+	o.Zoned.ZoneSize = u64(64 << 10)
+	o.Zoned.ZoneCapacity = u64(64 << 10)
+	o.Zoned.ConventionalZones = u32(4)
+	if _, err := Create(path, o); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(qimg, "info", path).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "Unsupported qcow2 feature(s): zoned format") {
+		t.Fatalf("qemu-img info should refuse by name, got err=%v:\n%s", err, out)
+	}
+	b, _ := os.ReadFile(path)
+	b[79] &^= 1 << 5
+	cp := filepath.Join(dir, "nobit.qcow2")
+	os.WriteFile(cp, b, 0o644)
+	out, _ = exec.Command(qimg, "check", "--output=json", cp).Output()
+	var res struct {
+		Leaks       int `json:"leaks"`
+		Corruptions int `json:"corruptions"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("qemu-img check json: %v\n%s", err, out)
+	}
+	im, err := Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	z := im.Info().Zoned
+	im.Close()
+	wantClusters := int(alignUp(z.MetaSize, 512) / 512) // 1024 zones × 8 B = 16 clusters
+	if res.Leaks != wantClusters || res.Corruptions != 0 || wantClusters != 16 {
+		t.Fatalf("qemu-img check: leaks=%d corruptions=%d, want %d leaks", res.Leaks, res.Corruptions, wantClusters)
+	}
+	human, _ := exec.Command(qimg, "check", cp).CombinedOutput()
+	re := regexp.MustCompile(`Leaked cluster (\d+) refcount=1 reference=0`)
+	ms := re.FindAllStringSubmatch(string(human), -1)
+	if len(ms) != wantClusters {
+		t.Fatalf("leak lines: %d\n%s", len(ms), human)
+	}
+	for i, m := range ms {
+		c, _ := strconv.Atoi(m[1])
+		if uint64(c)*512 != z.MetaOffset+uint64(i)*512 {
+			t.Fatalf("leaked cluster %d is not in the write-pointer table at %d", c, z.MetaOffset)
+		}
+	}
+	if res, err := Check(path, CheckOptions{}); err != nil || res.ExitCode() != 0 {
+		t.Fatalf("our check of the zoned original: %+v %v", res, err)
+	}
+}
