@@ -17,7 +17,9 @@ import (
 // has come out.
 
 var zstdDecoders = sync.Pool{New: func() any {
-	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+		// A hostile frame header may claim a huge window; a cluster is at most 2 MiB.
+		zstd.WithDecoderMaxMemory(64<<20), zstd.WithDecoderMaxWindow(8<<20))
 	if err != nil {
 		panic(err) // only on invalid options
 	}

@@ -193,7 +193,7 @@ func Create(path string, o CreateOptions) (warnings []string, err error) {
 	if err = f.Truncate(int64(im.fileEnd)); err != nil {
 		return nil, err
 	}
-	if err = f.Sync(); err != nil {
+	if err = syncFile(f); err != nil {
 		return nil, err
 	}
 	if err = f.Close(); err != nil {
@@ -226,4 +226,3 @@ func putBE64(b []byte, v uint64) {
 		b[i] = byte(v >> (56 - 8*i))
 	}
 }
-

@@ -109,7 +109,16 @@ func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error)
 		return nil, err
 	}
 	fileSize := st.Size()
-	first := make([]byte, 1<<MaxClusterBits)
+	// Read the header cluster: its size is known from cluster_bits at 20.
+	var cb [24]byte
+	if _, err := f.ReadAt(cb[:], 0); err != nil && err != io.EOF {
+		return nil, err
+	}
+	firstLen := int64(1) << MaxClusterBits
+	if bits := binary.BigEndian.Uint32(cb[offClusterBits:]); bits >= MinClusterBits && bits <= MaxClusterBits {
+		firstLen = 1 << bits
+	}
+	first := make([]byte, min(firstLen, max(fileSize, v3HeaderLength)))
 	n, err := f.ReadAt(first, 0)
 	if err != nil && err != io.EOF {
 		return nil, err
@@ -174,7 +183,7 @@ func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error)
 				im.closeBacking()
 				return nil, err
 			}
-			if err := f.Sync(); err != nil {
+			if err := syncFile(f); err != nil {
 				im.closeBacking()
 				return nil, err
 			}
@@ -404,7 +413,7 @@ func (im *Image) Flush() error {
 	if im.ro {
 		return nil
 	}
-	return im.f.Sync()
+	return syncFile(im.f)
 }
 
 // Close flushes, clears the dirty bit we set, and closes the image.
@@ -417,10 +426,10 @@ func (im *Image) Close() error {
 	im.closed = true
 	var errs []error
 	if !im.ro {
-		errs = append(errs, im.f.Sync())
+		errs = append(errs, syncFile(im.f))
 		if im.dirtySet {
 			im.h.incompatible &^= incDirty
-			errs = append(errs, im.writeHeaderField(offIncompatible, im.h.incompatible), im.f.Sync())
+			errs = append(errs, im.writeHeaderField(offIncompatible, im.h.incompatible), syncFile(im.f))
 		}
 	}
 	im.meta.Unlock()
@@ -460,7 +469,7 @@ func (im *Image) markDirty() error {
 	if err := im.writeHeaderField(offIncompatible, im.h.incompatible); err != nil {
 		return err
 	}
-	if err := im.f.Sync(); err != nil {
+	if err := syncFile(im.f); err != nil {
 		return err
 	}
 	im.dirtySet = true

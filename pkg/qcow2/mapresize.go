@@ -152,7 +152,7 @@ func (im *Image) Resize(newSize uint64) error {
 			if _, err := im.f.WriteAt(buf, int64(c<<im.clusterBits)); err != nil {
 				return err
 			}
-			if err := im.f.Sync(); err != nil {
+			if err := syncFile(im.f); err != nil {
 				return err
 			}
 			oldOff := im.h.l1Offset

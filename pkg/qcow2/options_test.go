@@ -154,8 +154,8 @@ func TestParseCreateOptions(t *testing.T) {
 			want: CreateOptions{Size: 1 << 30, Zoned: &ZonedOptions{}},
 		},
 		{
-			name: "dashed QAPI synonyms",
-			opts: []string{"zone.mode=host-managed,zone.conventional-zones=2,zone.max-open-zones=3,zone.max-active-zones=4,zone.max-append-bytes=8k,zone.size=1M"},
+			name:    "dashed QAPI synonyms",
+			opts:    []string{"zone.mode=host-managed,zone.conventional-zones=2,zone.max-open-zones=3,zone.max-active-zones=4,zone.max-append-bytes=8k,zone.size=1M"},
 			sizeArg: "16M",
 			want: CreateOptions{Size: 16 << 20, Zoned: &ZonedOptions{
 				ZoneSize: u64(1 << 20), ConventionalZones: u32(2), MaxOpenZones: u32(3),

@@ -12,7 +12,6 @@ import (
 	"testing"
 )
 
-
 // seedOptions are the options of the seed patch's example command line.
 func seedOptions() CreateOptions {
 	return CreateOptions{Size: 768 << 20, Zoned: &ZonedOptions{
