@@ -3,7 +3,6 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
-	"os"
 )
 
 // Check walks every structure that references clusters, counts the
@@ -188,6 +187,14 @@ func (im *Image) countRefs(res *CheckResult) ([]uint64, error) {
 	if z := im.h.zoned; z != nil {
 		r.add(z.MetaOffset, alignUp(z.MetaSize, cs), "write-pointer table")
 	}
+	// Persistent dirty bitmaps (qemu's): counted while the extension is
+	// valid (autoclear bit 0 set), as qemu does; once a writer that does not
+	// maintain them clears the bit, qemu treats their clusters as leaked.
+	if im.h.bitmaps != nil && im.h.autoclear&autoclearBitmaps != 0 {
+		if err := im.countBitmaps(r); err != nil {
+			return nil, err
+		}
+	}
 	return r.refs, nil
 }
 
@@ -293,4 +300,48 @@ func (im *Image) rebuildRefcounts() (*CheckResult, error) {
 	return res, nil
 }
 
-var _ = os.Stat
+
+// countBitmaps adds the clusters of the bitmap directory, the bitmap tables
+// and their data (qcow2.txt, "Bitmaps extension").
+func (im *Image) countBitmaps(r *refCounter) error {
+	be := binary.BigEndian
+	ext := im.h.bitmaps
+	if len(ext) < 24 {
+		r.res.Corruptions++
+		r.res.Messages = append(r.res.Messages, fmt.Sprintf("ERROR bitmaps extension of %d bytes is too short", len(ext)))
+		return nil
+	}
+	nb, dirSize, dirOff := be.Uint32(ext[0:]), be.Uint64(ext[8:]), be.Uint64(ext[16:])
+	if dirSize > 64<<20 || dirOff%im.clusterSize != 0 || nb > 65535 {
+		r.res.Corruptions++
+		r.res.Messages = append(r.res.Messages, fmt.Sprintf("ERROR bitmap directory at %d (%d bytes, %d bitmaps) is invalid", dirOff, dirSize, nb))
+		return nil
+	}
+	r.add(dirOff, dirSize, "bitmap directory")
+	dir := make([]byte, dirSize)
+	if _, err := im.f.ReadAt(dir, int64(dirOff)); err != nil {
+		return corruptf(int64(dirOff), "reading the bitmap directory: %v", err)
+	}
+	for i, off := uint32(0), uint64(0); i < nb; i++ {
+		if off+24 > dirSize {
+			return corruptf(int64(dirOff+off), "bitmap directory entry %d runs past the directory", i)
+		}
+		tOff, tSize := be.Uint64(dir[off:]), uint64(be.Uint32(dir[off+8:]))
+		nameSize, extra := uint64(be.Uint16(dir[off+18:])), uint64(be.Uint32(dir[off+20:]))
+		off = alignUp(off+24+extra+nameSize, 8)
+		if tSize*8 > 64<<20 {
+			return corruptf(int64(dirOff), "bitmap table of %d entries too large", tSize)
+		}
+		r.add(tOff, tSize*8, "bitmap table")
+		tbl := make([]byte, tSize*8)
+		if _, err := im.f.ReadAt(tbl, int64(tOff)); err != nil {
+			return corruptf(int64(tOff), "reading a bitmap table: %v", err)
+		}
+		for j := uint64(0); j < tSize; j++ {
+			if d := be.Uint64(tbl[j*8:]) & l2OffsetMask; d != 0 {
+				r.add(d, im.clusterSize, "bitmap data")
+			}
+		}
+	}
+	return nil
+}

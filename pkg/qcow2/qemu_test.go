@@ -155,3 +155,58 @@ func TestReadsQemuImages(t *testing.T) {
 		})
 	}
 }
+
+// TestBitmapsAndUnknownExtensionsPreserved: an image with a persistent
+// bitmap (made by qemu-img) checks clean with our Check, and after we write
+// to it the bitmaps extension and an unknown extension are still there byte
+// for byte (the autoclear bit is cleared, telling qemu the bitmap is stale).
+func TestBitmapsAndUnknownExtensionsPreserved(t *testing.T) {
+	qimg := needTool(t, "qemu-img", "qemu-utils")
+	img := filepath.Join(t.TempDir(), "bm.qcow2")
+	run(t, qimg, "create", "-f", "qcow2", img, "4M")
+	run(t, qimg, "bitmap", "--add", img, "b0")
+	res, err := Check(img, CheckOptions{})
+	if err != nil || res.ExitCode() != 0 {
+		t.Fatalf("check of an image with a bitmap: %+v %v", res, err)
+	}
+	im, err := Open(img, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := append([]byte(nil), im.h.bitmaps...)
+	im.Close()
+	if len(before) == 0 {
+		t.Fatal("qemu-img bitmap --add made no bitmaps extension")
+	}
+	// Add an unknown extension by hand-editing through the engine.
+	im, err = Open(img, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	im.h.others = append(im.h.others, rawExt{magic: 0x12345678, data: []byte("opaque-bytes")})
+	if err := im.writeHeader(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(bytes.Repeat([]byte{1}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	im.Close()
+	im, err = Open(img, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	if !bytes.Equal(im.h.bitmaps, before) {
+		t.Fatal("bitmaps extension changed")
+	}
+	if len(im.h.others) != 1 || string(im.h.others[0].data) != "opaque-bytes" {
+		t.Fatalf("unknown extension lost: %+v", im.h.others)
+	}
+	if im.h.autoclear&autoclearBitmaps != 0 {
+		t.Fatal("autoclear bit 0 still set after a write by an engine that does not maintain bitmaps")
+	}
+	out, _ := exec.Command(qimg, "info", img).CombinedOutput()
+	if !strings.Contains(string(out), "virtual size: 4 MiB") {
+		t.Fatalf("qemu-img info after our write:\n%s", out)
+	}
+}

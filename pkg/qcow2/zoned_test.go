@@ -155,3 +155,95 @@ func TestZonedAgainstQemu(t *testing.T) {
 		t.Fatalf("our check of the zoned original: %+v %v", res, err)
 	}
 }
+
+// TestZonedLaterLayouts converts an image to layouts B and C (as later
+// revisions of the series write them: big-endian entries, bit 63 for
+// conventional zones) and checks they open, report the same geometry, and
+// keep their layout when a write pointer changes.
+func TestZonedLaterLayouts(t *testing.T) {
+	for _, layout := range []ZoneLayout{LayoutB, LayoutC} {
+		path := filepath.Join(t.TempDir(), "z.qcow2")
+		o := seedOptions()
+		o.Zoned.ConventionalZones = u32(2)
+		if _, err := Create(path, o); err != nil {
+			t.Fatal(err)
+		}
+		im, err := Open(path, OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		z := im.h.zoned
+		wps, conv, _ := im.WritePointers()
+		z.Layout = layout
+		if layout == LayoutC {
+			z.MaxAppendBytes = 0
+		}
+		for i := range wps {
+			z.encodeWP(im.wpTableBuf[i*8:], wps[i], conv[i])
+		}
+		if _, err := im.f.WriteAt(im.wpTableBuf, int64(z.MetaOffset)); err != nil {
+			t.Fatal(err)
+		}
+		if err := im.writeHeader(); err != nil {
+			t.Fatal(err)
+		}
+		im.Close()
+		raw, _ := os.ReadFile(path)
+		if got := raw[z.MetaOffset]; got != 0x80 { // zone 0 conventional: BE bit 63
+			t.Fatalf("layout %v: first WP byte 0x%02x, want 0x80", layout, got)
+		}
+		im, err = Open(path, OpenOptions{})
+		if err != nil {
+			t.Fatalf("layout %v: %v", layout, err)
+		}
+		if got := im.Info().Zoned; got.Layout != layout || got.NrZones != 12 || got.ConventionalZones != 2 || got.MaxOpenZones != 6 {
+			t.Fatalf("layout %v read back as %+v", layout, got)
+		}
+		if err := im.SetWritePointer(5, 5*64<<20+8192); err != nil {
+			t.Fatal(err)
+		}
+		im.Close()
+		im, err = Open(path, OpenOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wps2, conv2, _ := im.WritePointers()
+		if wps2[5] != 5*64<<20+8192 || !conv2[1] || conv2[2] || im.Info().Zoned.Layout != layout {
+			t.Fatalf("layout %v after update: wp5=%d conv=%v", layout, wps2[5], conv2[:3])
+		}
+		im.Close()
+		if res, err := Check(path, CheckOptions{}); err != nil || res.ExitCode() != 0 {
+			t.Fatalf("layout %v check: %+v %v", layout, res, err)
+		}
+	}
+}
+
+// TestZonedCorruptRefused: damaged zoned metadata is refused with the byte
+// offset, never a panic.
+func TestZonedCorruptRefused(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "z.qcow2")
+	if _, err := Create(path, seedOptions()); err != nil {
+		t.Fatal(err)
+	}
+	im, _ := Open(path, OpenOptions{ReadOnly: true})
+	z := *im.Info().Zoned
+	im.Close()
+	orig, _ := os.ReadFile(path)
+	for name, mut := range map[string]func(b []byte){
+		"wp beyond zone":    func(b []byte) { b[z.MetaOffset+8+3] = 0x7f },
+		"conventional flag": func(b []byte) { b[z.MetaOffset+7] |= 0x08 },
+		"bit without ext":   func(b []byte) { b[112+0] = 0xff }, // break the extension magic
+		"ext without bit":   func(b []byte) { b[79] &^= 1 << 5 },
+	} {
+		b := append([]byte(nil), orig...)
+		mut(b)
+		os.WriteFile(path, b, 0o644)
+		_, err := Open(path, OpenOptions{ReadOnly: true})
+		var fe *FormatError
+		if !errors.As(err, &fe) {
+			t.Errorf("%s: want a FormatError, got %v", name, err)
+			continue
+		}
+		t.Logf("%s: %v", name, err)
+	}
+}
