@@ -300,7 +300,6 @@ func (im *Image) rebuildRefcounts() (*CheckResult, error) {
 	return res, nil
 }
 
-
 // countBitmaps adds the clusters of the bitmap directory, the bitmap tables
 // and their data (qcow2.txt, "Bitmaps extension").
 func (im *Image) countBitmaps(r *refCounter) error {
