@@ -120,27 +120,30 @@ func (im *Image) addRefcount(c, n uint64, delta int64) error {
 // findFree returns the first run of n clusters with refcount 0 at or after
 // freeHint. Clusters past the end of the file are free.
 func (im *Image) findFree(n uint64) (uint64, error) {
+	// Past both the file end and the last refcount block everything is
+	// free. Between them a cluster may carry a refcount without data (a
+	// crash after allocation, before the write): those stay taken.
 	endC := im.fileEnd >> im.clusterBits
+	for idx := len(im.rt) - 1; idx >= 0; idx-- {
+		if im.rt[idx] != 0 {
+			endC = max(endC, uint64(idx+1)<<im.rbBits)
+			break
+		}
+	}
 	start, run := im.freeHint, uint64(0)
 	for c := im.freeHint; ; c++ {
 		if c >= endC {
 			return start, nil
 		}
-		// Skip whole missing refcount blocks quickly.
-		idx := c >> im.rbBits
-		var rc uint64
-		if idx < uint64(len(im.rt)) && im.rt[idx] != 0 {
-			var err error
-			if rc, err = im.refcount(c); err != nil {
-				return 0, err
-			}
+		rc, err := im.refcount(c)
+		if err != nil {
+			return 0, err
 		}
 		if rc != 0 {
-			run = 0
-			start = c + 1
-			if start == im.freeHint+1 && run == 0 && c == im.freeHint {
+			if c == im.freeHint {
 				im.freeHint = c + 1
 			}
+			run, start = 0, c+1
 			continue
 		}
 		run++
