@@ -18,8 +18,7 @@ test: ## unit, fuzz-seed and interop tests (qemu-img peers), race detector on
 verify: ## gofmt, go vet, go mod tidy check
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
-	@cp go.mod /tmp/zq-go.mod.bak; cp go.sum /tmp/zq-go.sum.bak 2>/dev/null || true; \
-	$(GO) mod tidy; if ! git diff --quiet -- go.mod go.sum; then echo "go.mod/go.sum not tidy"; git diff -- go.mod go.sum; exit 1; fi
+	@$(GO) mod tidy -diff || { echo 'go.mod/go.sum not tidy: run go mod tidy'; exit 1; }
 
 bench: ## engine throughput vs a raw file (same run, same machine)
 	$(GO) test -run '^$$' -bench . -benchtime 2x ./pkg/qcow2/ | tee bench/qcow2-latest.txt
