@@ -25,6 +25,8 @@ bench: ## engine throughput vs a raw file (same run, same machine)
 
 fuzz: ## run each fuzz target for FUZZTIME (default 60s)
 	$(GO) test -run '^$$' -fuzz '^FuzzOpen$$' -fuzztime $${FUZZTIME:-60s} ./pkg/qcow2/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRequest$$' -fuzztime $${FUZZTIME:-60s} ./pkg/nbdattach/
+	$(GO) test -run '^$$' -fuzz '^FuzzHandshake$$' -fuzztime $${FUZZTIME:-60s} ./pkg/nbdattach/
 
 demo: build ## build, create a zoned image with the seed's options, show it
 	@./scripts/demo.sh
