@@ -103,8 +103,10 @@ func (im *Image) mapBacking(pos, n uint64) ([]Extent, error) {
 	return []Extent{{Start: pos, Length: n, Zero: true}}, nil
 }
 
-// Resize grows the virtual size. Shrinking is refused (it would drop data);
-// zoned images grow through the zone engine, which adds whole zones.
+// Resize grows the virtual size. Shrinking is refused (it would drop data).
+// A zoned image grows by whole zones' worth of write pointers: the new zones
+// are EMPTY, nr_zones and the size change together in one header write, and
+// a write-pointer table that outgrows its clusters moves to new ones.
 func (im *Image) Resize(newSize uint64) error {
 	if im.ro {
 		return ErrReadOnly
@@ -123,8 +125,8 @@ func (im *Image) Resize(newSize uint64) error {
 	if newSize < im.h.size {
 		return fmt.Errorf("%w: shrinking from %d to %d bytes is not supported", ErrUnsupported, im.h.size, newSize)
 	}
-	if im.h.zoned != nil {
-		return fmt.Errorf("%w: a zoned image is resized by adding zones (zone engine), not here", ErrUnsupported)
+	if newSize == im.h.size {
+		return nil
 	}
 	if len(im.snapshots) > 0 {
 		return fmt.Errorf("%w: resizing an image with internal snapshots", ErrUnsupported)
@@ -135,42 +137,85 @@ func (im *Image) Resize(newSize uint64) error {
 	if need*8 > 32<<20 {
 		return fmt.Errorf("%w: size %d needs an L1 table over 32 MiB", ErrUnsupported, newSize)
 	}
+	var freeLater [][2]uint64 // clusters to release once the header points elsewhere
+	newL1, newL1Off := im.l1, im.h.l1Offset
 	if need > uint64(len(im.l1)) {
 		oldClusters := alignUp(uint64(len(im.l1))*8, cs) / cs
 		newClusters := alignUp(need*8, cs) / cs
-		nl1 := make([]uint64, need)
-		copy(nl1, im.l1)
+		newL1 = make([]uint64, need)
+		copy(newL1, im.l1)
 		if newClusters > oldClusters || im.h.l1Offset == 0 {
 			c, err := im.allocClusters(newClusters)
 			if err != nil {
 				return err
 			}
 			buf := make([]byte, newClusters*cs)
-			for i, e := range nl1 {
+			for i, e := range newL1 {
 				putBE64(buf[i*8:], e)
 			}
 			if _, err := im.f.WriteAt(buf, int64(c<<im.clusterBits)); err != nil {
 				return err
 			}
-			if err := syncFile(im.f); err != nil {
-				return err
+			newL1Off = c << im.clusterBits
+			if im.h.l1Offset != 0 {
+				freeLater = append(freeLater, [2]uint64{im.h.l1Offset >> im.clusterBits, oldClusters})
 			}
-			oldOff := im.h.l1Offset
-			im.h.l1Offset = c << im.clusterBits
-			im.h.l1Size = uint32(need)
-			im.l1 = nl1
-			im.h.size = newSize
-			if err := im.writeHeader(); err != nil {
-				return err
-			}
-			if oldOff != 0 {
-				return im.freeClusters(oldOff>>im.clusterBits, oldClusters)
-			}
-			return nil
 		}
-		im.l1 = nl1
-		im.h.l1Size = uint32(need)
 	}
-	im.h.size = newSize
-	return im.writeHeader()
+	var nz *ZonedExt
+	var tbl []byte
+	if z := im.h.zoned; z != nil {
+		c := *z
+		n := (newSize + z.ZoneSize - 1) / z.ZoneSize
+		if n > MaxZones {
+			return &OptionError{Name: "size", Value: fmt.Sprint(newSize), Rule: fmt.Sprintf("would need %d zones of %d bytes; the limit is %d", n, z.ZoneSize, MaxZones)}
+		}
+		c.NrZones, c.MetaSize = uint32(n), 8*n
+		if r := c.check(newSize); r != nil {
+			return &OptionError{Name: r.field, Value: fmt.Sprint(r.value), Rule: r.rule}
+		}
+		tbl = make([]byte, alignUp(c.MetaSize, cs))
+		copy(tbl, im.wpTableBuf)
+		for i := z.NrZones; i < c.NrZones; i++ {
+			c.encodeWP(tbl[i*8:], c.zoneStart(i), false)
+		}
+		if oldC, newC := alignUp(z.MetaSize, cs)/cs, uint64(len(tbl))/cs; newC > oldC {
+			nc, err := im.allocClusters(newC)
+			if err != nil {
+				return err
+			}
+			c.MetaOffset = nc << im.clusterBits
+			freeLater = append(freeLater, [2]uint64{z.MetaOffset >> im.clusterBits, oldC})
+		}
+		if _, err := im.f.WriteAt(tbl, int64(c.MetaOffset)); err != nil {
+			return err
+		}
+		nz = &c
+	}
+	// New tables are on disk before the header points to them.
+	if err := syncFile(im.f); err != nil {
+		return err
+	}
+	oldH := *im.h
+	im.h.size, im.h.l1Offset, im.h.l1Size = newSize, newL1Off, uint32(len(newL1))
+	if nz != nil {
+		im.h.zoned = nz
+	}
+	if err := im.writeHeader(); err != nil {
+		*im.h = oldH
+		return err
+	}
+	if err := syncFile(im.f); err != nil {
+		return err
+	}
+	im.l1 = newL1
+	if nz != nil {
+		im.wpTableBuf = tbl[:nz.MetaSize]
+	}
+	for _, r := range freeLater {
+		if err := im.freeClusters(r[0], r[1]); err != nil {
+			return err
+		}
+	}
+	return nil
 }

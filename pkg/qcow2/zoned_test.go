@@ -247,3 +247,40 @@ func TestZonedCorruptRefused(t *testing.T) {
 		t.Logf("%s: %v", name, err)
 	}
 }
+
+// TestZonedResizeAddsEmptyZones grows a zoned image past the point where
+// its write-pointer table needs another cluster; old write pointers stay,
+// new zones are EMPTY, and both checks stay clean.
+func TestZonedResizeAddsEmptyZones(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "z.qcow2")
+	o := CreateOptions{Size: 64 << 20, ClusterSize: 512, Zoned: &ZonedOptions{ZoneSize: u64(1 << 20), ConventionalZones: u32(1)}}
+	if _, err := Create(path, o); err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	im.WriteAt(make([]byte, 4096), 5<<20)
+	if err := im.SetWritePointer(5, 5<<20+4096); err != nil {
+		t.Fatal(err)
+	}
+	oldOff := im.Info().Zoned.MetaOffset
+	if err := im.Resize(256 << 20); err != nil {
+		t.Fatal(err)
+	}
+	im.Close()
+	im, err = Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	z := im.Info().Zoned
+	wps, conv, _ := im.WritePointers()
+	if z.NrZones != 256 || len(wps) != 256 || z.MetaOffset == oldOff || wps[5] != 5<<20+4096 || !conv[0] || wps[200] != 200<<20 {
+		t.Fatalf("after resize: %+v wp5=%d wp200=%d", z, wps[5], wps[200])
+	}
+	if res, err := Check(path, CheckOptions{}); err != nil || res.ExitCode() != 0 {
+		t.Fatalf("check after zoned resize: %+v %v", res, err)
+	}
+}
