@@ -129,7 +129,10 @@ type CheckOptions struct {
 	RepairAll   bool // -r all: also raise refcounts that are too low
 }
 
-// CheckResult mirrors qemu-img check's report.
+// CheckResult mirrors qemu-img check's report. After a repair the image is
+// checked again (as qemu-img does): Corruptions and Leaks then count what
+// remains, CorruptionsFixed and LeaksFixed what was repaired, and Messages
+// hold the lines of both passes.
 type CheckResult struct {
 	Corruptions        int
 	Leaks              int
@@ -144,15 +147,15 @@ type CheckResult struct {
 	Messages           []string // one line per problem, qemu-img wording
 }
 
-// ExitCode returns qemu-img check's exit code for the result: 0 clean,
-// 2 corruptions, 3 leaks only.
+// ExitCode returns qemu-img check's exit code for the result: 0 clean (or
+// everything repaired), 1 check errors, 2 corruptions, 3 leaks only.
 func (r *CheckResult) ExitCode() int {
 	switch {
 	case r.CheckErrors > 0:
 		return 1
-	case r.Corruptions > r.CorruptionsFixed:
+	case r.Corruptions > 0:
 		return 2
-	case r.Leaks > r.LeaksFixed:
+	case r.Leaks > 0:
 		return 3
 	}
 	return 0

@@ -18,6 +18,15 @@ func Check(path string, o CheckOptions) (*CheckResult, error) {
 	im.dirtySet = true // repairs must not set the dirty bit
 	im.meta.Lock()
 	res, err := im.checkLocked(o)
+	if err == nil && res.LeaksFixed+res.CorruptionsFixed > 0 {
+		// Like qemu-img: double-check the repaired image and report what
+		// remains, with the counts of what was fixed.
+		first := res
+		if res, err = im.checkLocked(CheckOptions{}); res != nil {
+			res.LeaksFixed, res.CorruptionsFixed = first.LeaksFixed, first.CorruptionsFixed
+			res.Messages = append(first.Messages, res.Messages...)
+		}
+	}
 	if err == nil && repair && im.h.incompatible&incDirty != 0 && res.Corruptions == res.CorruptionsFixed && res.Leaks == res.LeaksFixed {
 		im.h.incompatible &^= incDirty
 		err = im.writeHeaderField(offIncompatible, im.h.incompatible)
@@ -85,7 +94,7 @@ func (im *Image) checkLocked(o CheckOptions) (*CheckResult, error) {
 		if c < uint64(len(refs)) {
 			want = refs[c]
 		}
-		if stored > 0 {
+		if stored > 0 || want > 0 {
 			res.ImageEndOffset = max(res.ImageEndOffset, (c+1)*im.clusterSize)
 		}
 		if stored == want {
@@ -214,8 +223,8 @@ func (im *Image) readL1(off uint64, n uint32) ([]uint64, error) {
 func (im *Image) countL1(r *refCounter, off uint64, l1 []uint64, active bool) error {
 	cs := im.clusterSize
 	r.add(off, uint64(len(l1))*8, "L1 table")
-	prevData := uint64(0)
 	for i, e := range l1 {
+		nextContiguous := uint64(0) // per L2 table, as qemu-img counts fragmentation
 		l2off := e & l1OffsetMask
 		if l2off == 0 {
 			continue
@@ -246,10 +255,10 @@ func (im *Image) countL1(r *refCounter, off uint64, l1 []uint64, active bool) er
 				r.add(o, cs, "data cluster")
 				if active {
 					r.res.AllocatedClusters++
-					if prevData != 0 && o != prevData+cs {
+					if nextContiguous != 0 && o != nextContiguous {
 						r.res.FragmentedClusters++
 					}
-					prevData = o
+					nextContiguous = o + cs
 				}
 			case kindCompressed:
 				o, sz := im.compressedRange(le)
@@ -257,10 +266,15 @@ func (im *Image) countL1(r *refCounter, off uint64, l1 []uint64, active bool) er
 					sz = end - o
 				}
 				r.add(o, sz, "compressed cluster")
+				if le.copied() {
+					r.res.Corruptions++
+					r.res.Messages = append(r.res.Messages, fmt.Sprintf("ERROR: cluster %d: copied flag must never be set for compressed clusters", o>>im.clusterBits))
+				}
 				if active {
+					// Compressed clusters count as fragmented by nature (qemu-img).
 					r.res.AllocatedClusters++
 					r.res.CompressedClusters++
-					prevData = 0
+					r.res.FragmentedClusters++
 				}
 			}
 		}
