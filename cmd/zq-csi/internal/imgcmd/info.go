@@ -1,0 +1,261 @@
+package imgcmd
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/zq-csi/zq-csi/pkg/qcow2"
+)
+
+const infoUsage = `Usage: zq-csi img info [-f FMT] [--output=human|json] [-U] FILE
+
+Show the format, sizes and qcow2 header information of an image, like
+qemu-img info. Zoned images also show their zone configuration.
+
+  -f FMT           qcow2 or raw (detected from the magic when omitted)
+  --output=FORMAT  human (default) or json
+  -U               accepted for qemu-img compatibility (no locking is done)
+`
+
+// The JSON shapes follow qemu-img's ImageInfo; field order is the order
+// qemu-img 7.2 happens to print.
+type jsonSnapshot struct {
+	ICount      *int64 `json:"icount,omitempty"`
+	VMClockNsec uint64 `json:"vm-clock-nsec"`
+	Name        string `json:"name"`
+	DateSec     uint32 `json:"date-sec"`
+	DateNsec    uint32 `json:"date-nsec"`
+	VMClockSec  uint64 `json:"vm-clock-sec"`
+	ID          string `json:"id"`
+	VMStateSize uint64 `json:"vm-state-size"`
+}
+
+type jsonQcow2Data struct {
+	Compat          string `json:"compat"`
+	CompressionType string `json:"compression-type"`
+	LazyRefcounts   *bool  `json:"lazy-refcounts,omitempty"`
+	RefcountBits    uint32 `json:"refcount-bits"`
+	Corrupt         *bool  `json:"corrupt,omitempty"`
+	ExtendedL2      *bool  `json:"extended-l2,omitempty"`
+}
+
+type jsonFormatSpecific struct {
+	Type string        `json:"type"`
+	Data jsonQcow2Data `json:"data"`
+}
+
+type jsonZoned struct {
+	Mode              string `json:"mode"`
+	ZoneSize          uint64 `json:"zone-size"`
+	ZoneCapacity      uint64 `json:"zone-capacity"`
+	NrZones           uint32 `json:"nr-zones"`
+	ConventionalZones uint32 `json:"conventional-zones"`
+	MaxOpenZones      uint32 `json:"max-open-zones"`
+	MaxActiveZones    uint32 `json:"max-active-zones"`
+	MaxAppendBytes    uint32 `json:"max-append-bytes"`
+	Layout            string `json:"layout"`
+	WPTableOffset     uint64 `json:"wp-table-offset"`
+	WPTableSize       uint64 `json:"wp-table-size"`
+
+	layoutLong string // human output: qcow2.ZoneLayout.String()
+}
+
+type jsonInfo struct {
+	Snapshots             []jsonSnapshot      `json:"snapshots,omitempty"`
+	BackingFilenameFormat string              `json:"backing-filename-format,omitempty"`
+	VirtualSize           uint64              `json:"virtual-size"`
+	Filename              string              `json:"filename"`
+	ClusterSize           *uint32             `json:"cluster-size,omitempty"`
+	Format                string              `json:"format"`
+	ActualSize            int64               `json:"actual-size"`
+	FormatSpecific        *jsonFormatSpecific `json:"format-specific,omitempty"`
+	FullBackingFilename   string              `json:"full-backing-filename,omitempty"`
+	BackingFilename       string              `json:"backing-filename,omitempty"`
+	DirtyFlag             bool                `json:"dirty-flag"`
+	Zoned                 *jsonZoned          `json:"zoned,omitempty"`
+}
+
+func runInfo(e Env, args []string) int {
+	opts, pos, code, done := parseArgs(e, "info", args, optSpec{short: "f:U", long: map[string]bool{"output": true, "force-share": false}})
+	if done {
+		return code
+	}
+	want, output := "", "human"
+	for _, o := range opts {
+		switch o.name {
+		case "f":
+			want = o.val
+		case "output":
+			var err error
+			if output, err = outputFormat(o.val); err != nil {
+				return fail(e, "", err)
+			}
+		}
+	}
+	if len(pos) != 1 {
+		return usageFail(e, "info", "Expecting one image file name")
+	}
+	file := pos[0]
+	format, err := resolveFormat(file, want)
+	if err != nil {
+		return fail(e, file, err)
+	}
+	fi, err := os.Stat(file)
+	if err != nil {
+		return fail(e, file, err)
+	}
+	ji := jsonInfo{Filename: file, Format: format, ActualSize: diskUsage(fi), VirtualSize: uint64(fi.Size())}
+	if format == fmtQcow2 {
+		im, err := qcow2.Open(file, qcow2.OpenOptions{ReadOnly: true, NoBacking: true})
+		if err != nil {
+			return fail(e, file, fmt.Errorf("Could not open '%s': %w", file, err))
+		}
+		info := im.Info()
+		ji.VirtualSize = im.Size()
+		_ = im.Close()
+		fillQcow2Info(&ji, info)
+	}
+	if output == "json" {
+		b, err := json.MarshalIndent(ji, "", "    ")
+		if err != nil {
+			return fail(e, file, err)
+		}
+		fmt.Fprintf(e.Stdout, "%s\n", b)
+		return 0
+	}
+	printHumanInfo(e.Stdout, ji)
+	return 0
+}
+
+func fillQcow2Info(ji *jsonInfo, info qcow2.Info) {
+	cs := info.ClusterSize
+	ji.ClusterSize = &cs
+	ji.DirtyFlag = info.Dirty
+	if info.BackingFile != "" {
+		ji.BackingFilename = info.BackingFile
+		ji.FullBackingFilename = pathCombine(ji.Filename, info.BackingFile)
+		ji.BackingFilenameFormat = info.BackingFormat
+	}
+	comp := info.Compression
+	if comp == "" {
+		comp = "zlib"
+	}
+	d := jsonQcow2Data{Compat: "1.1", CompressionType: comp, RefcountBits: info.RefcountBits}
+	if info.Version == 2 {
+		d.Compat = "0.10"
+	} else {
+		lazy, corrupt, ext := info.LazyRefcounts, info.Corrupt, info.ExtendedL2
+		d.LazyRefcounts, d.Corrupt, d.ExtendedL2 = &lazy, &corrupt, &ext
+	}
+	ji.FormatSpecific = &jsonFormatSpecific{Type: "qcow2", Data: d}
+	for _, s := range info.Snapshots {
+		js := jsonSnapshot{
+			VMClockNsec: s.VMClockNsec % 1e9, VMClockSec: s.VMClockNsec / 1e9,
+			Name: s.Name, DateSec: s.DateSec, DateNsec: s.DateNsec, ID: s.ID, VMStateSize: s.VMStateSize,
+		}
+		if s.ICount != -1 {
+			ic := s.ICount
+			js.ICount = &ic
+		}
+		ji.Snapshots = append(ji.Snapshots, js)
+	}
+	if z := info.Zoned; z != nil {
+		ji.Zoned = &jsonZoned{
+			Mode: zoneModel(z.Model), ZoneSize: z.ZoneSize, ZoneCapacity: z.ZoneCapacity,
+			NrZones: z.NrZones, ConventionalZones: z.ConventionalZones,
+			MaxOpenZones: z.MaxOpenZones, MaxActiveZones: z.MaxActiveZones,
+			MaxAppendBytes: z.MaxAppendBytes, Layout: layoutName(z.Layout), layoutLong: z.Layout.String(),
+			WPTableOffset: z.MetaOffset, WPTableSize: z.MetaSize,
+		}
+	}
+}
+
+func zoneModel(m uint8) string {
+	if m == 1 {
+		return "host-managed"
+	}
+	return fmt.Sprintf("unknown (%d)", m)
+}
+
+func layoutName(l qcow2.ZoneLayout) string {
+	switch l {
+	case qcow2.LayoutA:
+		return "A"
+	case qcow2.LayoutB:
+		return "B"
+	case qcow2.LayoutC:
+		return "C"
+	}
+	return l.String()
+}
+
+// printHumanInfo follows qemu's bdrv_image_info_dump.
+func printHumanInfo(w io.Writer, ji jsonInfo) {
+	fmt.Fprintf(w, "image: %s\nfile format: %s\nvirtual size: %s (%d bytes)\ndisk size: %s\n",
+		ji.Filename, ji.Format, sizeToStr(ji.VirtualSize), ji.VirtualSize, sizeToStr(uint64(ji.ActualSize)))
+	if ji.ClusterSize != nil {
+		fmt.Fprintf(w, "cluster_size: %d\n", *ji.ClusterSize)
+	}
+	if ji.DirtyFlag {
+		fmt.Fprintln(w, "cleanly shut down: no")
+	}
+	if ji.BackingFilename != "" {
+		fmt.Fprintf(w, "backing file: %s", ji.BackingFilename)
+		if ji.FullBackingFilename != ji.BackingFilename {
+			fmt.Fprintf(w, " (actual path: %s)", ji.FullBackingFilename)
+		}
+		fmt.Fprintln(w)
+		if ji.BackingFilenameFormat != "" {
+			fmt.Fprintf(w, "backing file format: %s\n", ji.BackingFilenameFormat)
+		}
+	}
+	if len(ji.Snapshots) > 0 {
+		fmt.Fprintln(w, "Snapshot list:")
+		fmt.Fprintf(w, "%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+		for _, s := range ji.Snapshots {
+			date := time.Unix(int64(s.DateSec), 0).Local().Format("2006-01-02 15:04:05")
+			secs := s.VMClockSec
+			clock := fmt.Sprintf("%02d:%02d:%02d.%03d", secs/3600, (secs/60)%60, secs%60, s.VMClockNsec/1e6)
+			icount := ""
+			if s.ICount != nil {
+				icount = fmt.Sprint(*s.ICount)
+			}
+			fmt.Fprintf(w, "%-9s %-16s %8s%20s%13s%11s\n", s.ID, s.Name, sizeToStr(s.VMStateSize), date, clock, icount)
+		}
+	}
+	if fs := ji.FormatSpecific; fs != nil {
+		d := fs.Data
+		fmt.Fprintln(w, "Format specific information:")
+		fmt.Fprintf(w, "    compat: %s\n    compression type: %s\n", d.Compat, d.CompressionType)
+		if d.LazyRefcounts != nil {
+			fmt.Fprintf(w, "    lazy refcounts: %t\n", *d.LazyRefcounts)
+		}
+		fmt.Fprintf(w, "    refcount bits: %d\n", d.RefcountBits)
+		if d.Corrupt != nil {
+			fmt.Fprintf(w, "    corrupt: %t\n", *d.Corrupt)
+		}
+		if d.ExtendedL2 != nil {
+			fmt.Fprintf(w, "    extended l2: %t\n", *d.ExtendedL2)
+		}
+		if z := ji.Zoned; z != nil {
+			lines := []string{
+				"mode: " + z.Mode,
+				fmt.Sprintf("zone size: %d", z.ZoneSize),
+				fmt.Sprintf("zone capacity: %d", z.ZoneCapacity),
+				fmt.Sprintf("nr zones: %d", z.NrZones),
+				fmt.Sprintf("conventional zones: %d", z.ConventionalZones),
+				fmt.Sprintf("max open zones: %d", z.MaxOpenZones),
+				fmt.Sprintf("max active zones: %d", z.MaxActiveZones),
+				fmt.Sprintf("max append bytes: %d", z.MaxAppendBytes),
+				"layout: " + z.layoutLong,
+				fmt.Sprintf("wp table offset: %d", z.WPTableOffset),
+				fmt.Sprintf("wp table size: %d", z.WPTableSize),
+			}
+			fmt.Fprintf(w, "    zoned:\n        %s\n", strings.Join(lines, "\n        "))
+		}
+	}
+}
