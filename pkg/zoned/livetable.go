@@ -1,0 +1,114 @@
+package zoned
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"os"
+)
+
+// The live write-pointer table: a small sidecar file beside the image that
+// receives every write pointer change before it is acknowledged (written to
+// the page cache, not synced), tagged with the boot it was written in. See
+// Device for why it exists.
+//
+// Layout: "ZQWPLIV1" | u32 nr_zones | u32 reserved | 48-byte boot id |
+// nr_zones × u64 little-endian write pointers, starting at byte 64.
+
+const (
+	liveMagic  = "ZQWPLIV1"
+	liveHeader = 64
+)
+
+type liveTable struct {
+	f    *os.File
+	path string
+	nr   uint32
+}
+
+// bootID identifies this boot of the kernel; "" if unknown (then live
+// tables are never trusted).
+var bootID = func() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return string(bytes.TrimSpace(b))
+}
+
+// openLiveTable reads the sidecar at path and returns the pointers it holds
+// if it was written during this boot for nr zones (else nil), and a table to
+// write to (nil when read-only).
+func openLiveTable(path string, nr uint32, ro bool) (*liveTable, []uint64, error) {
+	boot := bootID()
+	var ptrs []uint64
+	if b, err := os.ReadFile(path); err == nil && boot != "" {
+		if len(b) >= liveHeader+8*int(nr) && string(b[:8]) == liveMagic &&
+			binary.LittleEndian.Uint32(b[8:]) == nr && string(bytes.TrimRight(b[16:64], "\x00")) == boot {
+			ptrs = make([]uint64, nr)
+			for i := range ptrs {
+				ptrs[i] = binary.LittleEndian.Uint64(b[liveHeader+8*i:])
+			}
+		}
+	} else if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, nil, err
+	}
+	if ro {
+		return nil, ptrs, nil
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, nil, err
+	}
+	return &liveTable{f: f, path: path, nr: nr}, ptrs, nil
+}
+
+// reset rewrites the whole table for this boot.
+func (t *liveTable) reset(wps []uint64) error {
+	if t == nil {
+		return nil
+	}
+	b := make([]byte, liveHeader+8*len(wps))
+	copy(b, liveMagic)
+	binary.LittleEndian.PutUint32(b[8:], t.nr)
+	copy(b[16:64], bootID())
+	for i, wp := range wps {
+		binary.LittleEndian.PutUint64(b[liveHeader+8*i:], wp)
+	}
+	if _, err := t.f.WriteAt(b, 0); err != nil {
+		return err
+	}
+	return t.f.Truncate(int64(len(b)))
+}
+
+// set records zone i's write pointer.
+func (t *liveTable) set(i uint32, wp uint64) error {
+	if t == nil {
+		return nil
+	}
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], wp)
+	_, err := t.f.WriteAt(b[:], liveHeader+8*int64(i))
+	return err
+}
+
+func (t *liveTable) close() {
+	if t != nil {
+		t.f.Close()
+	}
+}
+
+// remove deletes the sidecar after a clean close: the durable table in the
+// image is then complete.
+func (t *liveTable) remove() error {
+	if t == nil {
+		return nil
+	}
+	t.f.Close()
+	err := os.Remove(t.path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
