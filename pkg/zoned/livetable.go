@@ -111,4 +111,3 @@ func (t *liveTable) remove() error {
 	}
 	return err
 }
-
