@@ -1,0 +1,141 @@
+package nbdattach
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/zq-csi/zq-csi/pkg/zoned"
+)
+
+// ZonesContext is the metadata context that describes zones over NBD
+// (spec §6): `nbdinfo --map=zq:zones` shows them.
+const ZonesContext = "zq:zones"
+
+// Flags of the zq:zones context. Each extent lies inside one zone and on
+// one side of its write pointer:
+//
+//	bits 0-3  zone condition (Linux blkzoned.h: 0x0 NOT_WP, 0x1 EMPTY,
+//	          0x2 IMP_OPEN, 0x3 EXP_OPEN, 0x4 CLOSED, 0xE FULL)
+//	bits 4-7  zone type (1 conventional, 2 sequential write required)
+//	bit  8    unwritten: the extent lies at or past the write pointer
+//	bit  9    zone start: the extent begins a zone
+const (
+	ZoneFlagCondMask  = 0xf
+	ZoneFlagTypeShift = 4
+	ZoneFlagUnwritten = 1 << 8
+	ZoneFlagZoneStart = 1 << 9
+)
+
+// ZonedBackend serves a zoned device: zone rules enforced on every write
+// (violations become NBD_EIO), TRIM of whole sequential zones resets them,
+// and zones visible through the zq:zones context.
+type ZonedBackend struct {
+	D *zoned.Device
+}
+
+var (
+	_ Backend       = ZonedBackend{}
+	_ BlockStatuser = ZonedBackend{}
+	_ MetaContexter = ZonedBackend{}
+)
+
+// zoneErr attaches the errno a Linux zoned device would return; NBD has
+// few error codes, so most become NBD_EIO.
+func zoneErr(err error) error {
+	var ze *zoned.ZoneError
+	if errors.As(err, &ze) {
+		return fmt.Errorf("%w (%w)", err, zoned.Errno(err))
+	}
+	return err
+}
+
+func (b ZonedBackend) ReadAt(p []byte, off int64) (int, error) {
+	n, err := b.D.ReadAt(p, off)
+	return n, zoneErr(err)
+}
+
+func (b ZonedBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
+	n, err := b.D.WriteAt(p, off, fua)
+	return n, zoneErr(err)
+}
+
+func (b ZonedBackend) Flush() error                 { return zoneErr(b.D.Flush()) }
+func (b ZonedBackend) Trim(off, length int64) error { return zoneErr(b.D.Trim(off, length)) }
+func (b ZonedBackend) Size() int64                  { return b.D.Size() }
+
+func (b ZonedBackend) WriteZeroes(off, length int64, noHole bool) error {
+	return zoneErr(b.D.WriteZeroes(off, length, noHole))
+}
+
+// MetaContexts offers the zone map.
+func (b ZonedBackend) MetaContexts() []string { return []string{ZonesContext} }
+
+// BlockStatus answers base:allocation (holes and zeros from the image,
+// everything past a write pointer reads as zeros) and zq:zones.
+func (b ZonedBackend) BlockStatus(ctx string, off, length int64) ([]Extent, error) {
+	g := b.D.Geometry()
+	end := min(uint64(off+length), g.Size)
+	var out []Extent
+	add := func(n uint64, flags uint32) {
+		if n == 0 {
+			return
+		}
+		if k := len(out) - 1; k >= 0 && out[k].Flags == flags && ctx != ZonesContext {
+			out[k].Length += int64(n)
+			return
+		}
+		out = append(out, Extent{Length: int64(n), Flags: flags})
+	}
+	switch ctx {
+	case ZonesContext:
+		for a := uint64(off); a < end; {
+			i := g.ZoneIndex(a)
+			r := b.D.Report(i, 1)[0]
+			zEnd := min(end, r.Start+r.Len)
+			wp := r.WP
+			if r.Type == zoned.TypeConventional {
+				wp = r.Start + r.Len
+			}
+			base := uint32(r.Cond)&ZoneFlagCondMask | uint32(r.Type)<<ZoneFlagTypeShift
+			if a == r.Start {
+				base |= ZoneFlagZoneStart
+			}
+			if a < wp {
+				add(min(zEnd, wp)-a, base)
+				a = min(zEnd, wp)
+				base &^= ZoneFlagZoneStart
+			}
+			if a < zEnd {
+				add(zEnd-a, base|ZoneFlagUnwritten)
+				a = zEnd
+			}
+		}
+		return out, nil
+	default: // base:allocation
+		exts, err := b.D.Machine().ReadExtents(uint64(off), end-uint64(off))
+		if err != nil {
+			return nil, zoneErr(err)
+		}
+		for _, e := range exts {
+			if e.Zero {
+				add(e.Length, StateHole|StateZero)
+				continue
+			}
+			m, err := b.D.Image().Map(e.Offset, e.Length)
+			if err != nil {
+				return nil, err
+			}
+			for _, x := range m {
+				var f uint32
+				if !x.Data {
+					f |= StateHole
+				}
+				if x.Zero {
+					f |= StateZero
+				}
+				add(x.Length, f)
+			}
+		}
+		return out, nil
+	}
+}
