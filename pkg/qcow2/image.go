@@ -333,6 +333,20 @@ func (im *Image) loadZoned(fileSize uint64) error {
 	if err := im.checkTable(offZonedField(im.h), "write-pointer table", z.MetaOffset, z.MetaSize, fileSize); err != nil {
 		return err
 	}
+	overlaps := func(off, size uint64) bool {
+		return size > 0 && z.MetaOffset < off+size && off < z.MetaOffset+z.MetaSize
+	}
+	switch {
+	case overlaps(im.h.l1Offset, uint64(im.h.l1Size)*8):
+		return corruptf(offZonedField(im.h), "write-pointer table at %d overlaps the L1 table at %d", z.MetaOffset, im.h.l1Offset)
+	case overlaps(im.h.refcountOffset, uint64(im.h.refcountClusters)*im.clusterSize):
+		return corruptf(offZonedField(im.h), "write-pointer table at %d overlaps the refcount table at %d", z.MetaOffset, im.h.refcountOffset)
+	}
+	for i, b := range im.rt {
+		if b != 0 && overlaps(b, im.clusterSize) {
+			return corruptf(offZonedField(im.h), "write-pointer table at %d overlaps refcount block %d", z.MetaOffset, i)
+		}
+	}
 	buf := make([]byte, z.MetaSize)
 	if _, err := im.f.ReadAt(buf, int64(z.MetaOffset)); err != nil {
 		return fmt.Errorf("reading the write-pointer table at %d: %w", z.MetaOffset, err)

@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"os"
@@ -282,5 +283,75 @@ func TestZonedResizeAddsEmptyZones(t *testing.T) {
 	}
 	if res, err := Check(path, CheckOptions{}); err != nil || res.ExitCode() != 0 {
 		t.Fatalf("check after zoned resize: %+v %v", res, err)
+	}
+}
+
+// TestZonedValidationRules corrupts one field of a seed-layout image per
+// rule of spec §2 and checks the exact refusal.
+func TestZonedValidationRules(t *testing.T) {
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	o := seedOptions()
+	o.Size, o.ClusterSize = 64<<20, 65536
+	o.Zoned.ZoneSize, o.Zoned.ZoneCapacity = u64(4<<20), u64(4<<20)
+	o.Zoned.ConventionalZones = u32(1)
+	if _, err := Create(base, o); err != nil {
+		t.Fatal(err)
+	}
+	orig, _ := os.ReadFile(base)
+	const ext = 112 + 8 // the zoned extension's data: first after the header
+	if binary.BigEndian.Uint32(orig[112:]) != extZoned {
+		t.Fatal("zoned extension is not the first extension")
+	}
+	put32 := func(off int, v uint32) func([]byte) { return func(b []byte) { binary.BigEndian.PutUint32(b[off:], v) } }
+	put64 := func(off int, v uint64) func([]byte) { return func(b []byte) { binary.BigEndian.PutUint64(b[off:], v) } }
+	metaOff := binary.BigEndian.Uint64(orig[ext+48:])
+	wp := func(zone int, v uint64) func([]byte) {
+		return func(b []byte) { binary.LittleEndian.PutUint64(b[metaOff+uint64(zone)*8:], v) }
+	}
+	for _, tc := range []struct {
+		name string
+		mut  func([]byte)
+		want string
+	}{
+		{"zone size 0", put64(ext+4, 0), "zone.size = 0: must not be 0"},
+		{"zone size not a power of two", put64(ext+4, 3<<20), "zone.size = 3145728: must be a power of two"},
+		{"zone size below 512", put64(ext+4, 256), "zone.size = 256: must be a multiple of 512"},
+		{"capacity 0", put64(ext+12, 0), "zone.capacity = 0: must not be 0"},
+		{"capacity above size", put64(ext+12, 8<<20), "zone.capacity = 8388608: must not exceed zone.size (4194304)"},
+		{"capacity unaligned", put64(ext+12, 4<<20-100), "zone.capacity = 4194204: must be a multiple of 512"},
+		{"nr_zones wrong", put32(ext+24, 17), "nr_zones = 17: nr_zones field is wrong: must be ceil(size 67108864 / zone.size 4194304) = 16"},
+		{"conventional >= nr_zones", put32(ext+20, 16), "zone.conventional_zones = 16: must be less than the number of zones (16)"},
+		{"max append unaligned", put32(ext+36, 1000), "zone.max_append_bytes = 1000: must be a multiple of 512"},
+		{"max append too large", put32(ext+36, 4<<20), "zone.max_append_bytes = 4194304: must be less than zone.capacity (4194304) minus 512"},
+		{"meta size", put64(ext+40, 64), "zonedmeta_size = 64: must be 8 × nr_zones = 128"},
+		{"table outside the file", put64(ext+48, 1<<30), "write-pointer table at 1073741824 (+128 bytes) lies beyond the end of the file"},
+		{"table unaligned", put64(ext+48, metaOff+8), "write-pointer table offset " + strconv.FormatUint(metaOff+8, 10) + " is not cluster aligned"},
+		{"table over the header", put64(ext+48, 0), "write-pointer table at offset 0 overlaps the header"},
+		{"table over the L1 table", put64(ext+48, binary.BigEndian.Uint64(orig[offL1Offset:])), "write-pointer table at " + strconv.FormatUint(binary.BigEndian.Uint64(orig[offL1Offset:]), 10) + " overlaps the L1 table"},
+		{"table over the refcount table", put64(ext+48, 65536), "write-pointer table at 65536 overlaps the refcount table at 65536"},
+		{"conventional flag missing", wp(0, 0), "zone 0: conventional flag false disagrees with conventional_zones 1"},
+		{"conventional flag extra", wp(1, 1<<59|4<<20), "zone 1: conventional flag true disagrees with conventional_zones 1"},
+		{"wp below zone start", wp(2, 4<<20), "zone 2: write pointer 4194304 outside [8388608, 12582912] or not 512-aligned"},
+		{"wp past capacity", wp(2, 12<<20+512), "zone 2: write pointer 12583424 outside [8388608, 12582912] or not 512-aligned"},
+		{"wp unaligned", wp(2, 8<<20+100), "zone 2: write pointer 8388708 outside [8388608, 12582912] or not 512-aligned"},
+		{"model 0", func(b []byte) { b[ext] = 0 }, "zoned extension with zoned=0 (not zoned) but incompatible bit 5 set"},
+		{"model 2", func(b []byte) { b[ext] = 2 }, "zone model 2 (only 1, host-managed, exists)"},
+		{"reserved bytes", func(b []byte) { b[ext+2] = 1 }, "zoned extension reserved bytes 1-3 are not zero"},
+		{"unknown length", put32(112+4, 40), "zoned extension of 40 bytes is not a known layout (56, 48 or 44 bytes)"},
+		{"bit without extension", put32(112, 0x11111111), "zoned format bit 5 set but the image has no zoned extension"},
+		{"extension without bit", func(b []byte) { b[79] &^= 1 << 5 }, "zoned extension present but incompatible bit 5 (zoned format) is clear"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := append([]byte(nil), orig...)
+			tc.mut(b)
+			p := filepath.Join(dir, "bad.qcow2")
+			os.WriteFile(p, b, 0o644)
+			_, err := Open(p, OpenOptions{ReadOnly: true})
+			var fe *FormatError
+			if !errors.As(err, &fe) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v\nwant an error containing %q", err, tc.want)
+			}
+		})
 	}
 }
