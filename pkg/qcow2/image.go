@@ -62,6 +62,7 @@ type Image struct {
 	rbcache    *tableCache
 	rt         []uint64 // refcount table
 	fileEnd    uint64   // bytes; first byte past the last allocated cluster
+	physEnd    uint64   // bytes the file is known to span (extended ahead of fileEnd)
 	freeHint   uint64   // cluster index below which no cluster is free
 	dirtySet   bool     // we set the dirty bit this session
 	closed     bool
@@ -138,6 +139,7 @@ func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error)
 	im.l2cache = newTableCache(l2CacheBytes / im.clusterSize)
 	im.rbcache = newTableCache(rbCacheBytes / im.clusterSize)
 	im.fileEnd = alignUp(uint64(fileSize), im.clusterSize)
+	im.physEnd = uint64(fileSize)
 
 	if h.incompatible&incCorrupt != 0 && !o.ReadOnly {
 		return nil, &FormatError{Offset: offIncompatible, Reason: "the corrupt bit is set: the image may only be opened read-only (repair it with `img check -r all`)", Err: ErrCorrupt}
@@ -440,6 +442,12 @@ func (im *Image) Close() error {
 	im.closed = true
 	var errs []error
 	if !im.ro {
+		if im.physEnd > im.fileEnd {
+			// Give back the zeros extended ahead of allocation.
+			if st, err := im.f.Stat(); err == nil && uint64(st.Size()) > im.fileEnd {
+				errs = append(errs, im.f.Truncate(int64(im.fileEnd)))
+			}
+		}
 		errs = append(errs, syncFile(im.f))
 		if im.dirtySet {
 			im.h.incompatible &^= incDirty

@@ -73,6 +73,11 @@ func (im *Image) refcount(c uint64) (uint64, error) {
 // addRefcount adds delta to the refcounts of clusters [c, c+n); the
 // refcount blocks must exist unless delta > 0 (then they are created).
 func (im *Image) addRefcount(c, n uint64, delta int64) error {
+	// Any refcount change may be cut short by a crash between it and the
+	// mapping change it goes with: the dirty bit makes the next open repair.
+	if err := im.markDirty(); err != nil {
+		return err
+	}
 	for n > 0 {
 		idx := c >> im.rbBits
 		if idx >= uint64(len(im.rt)) || im.rt[idx] == 0 {

@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"fmt"
+	"os"
 	"sync"
 )
 
@@ -301,12 +302,28 @@ func (im *Image) allocWrite(toff uint64, t []byte, l2idx uint64, old []l2Entry, 
 	cs := im.clusterSize
 	n := uint64(len(old))
 	im.meta.Lock()
+	// Clusters at or past the end of everything allocated so far have never
+	// been written: they read as zeros once the file covers them, so their
+	// zero-filled parts need not be written. The file is extended sparsely
+	// ahead of use, 1 MiB at a time, and trimmed back on Close.
+	prevEnd := im.fileEnd
 	c0, err := im.allocClusters(n)
+	host := c0 << im.clusterBits
+	fresh := err == nil && host >= prevEnd
+	if need := host + n*cs; fresh && need > im.physEnd {
+		var st os.FileInfo
+		if st, err = im.f.Stat(); err == nil {
+			target := alignUp(need, 1<<20)
+			if target > uint64(st.Size()) {
+				err = im.f.Truncate(int64(target))
+			}
+			im.physEnd = max(target, uint64(st.Size()))
+		}
+	}
 	im.meta.Unlock()
 	if err != nil {
 		return err
 	}
-	host := c0 << im.clusterBits
 	gstart := pos &^ (cs - 1)
 	head := pos - gstart
 	tailEnd := head + uint64(len(data)) // bytes from gstart covered
@@ -315,11 +332,15 @@ func (im *Image) allocWrite(toff uint64, t []byte, l2idx uint64, old []l2Entry, 
 	defer clusterPool.Put(bp)
 	c := (*bp)[:cs]
 	writeCluster := func(k uint64) error {
+		lo, hi := k*cs, (k+1)*cs
+		dlo, dhi := max(lo, head), min(hi, tailEnd)
+		if kind := old[k].kind(); fresh && (kind == kindZero || kind == kindUnallocated && im.backing == nil) {
+			_, err := im.f.WriteAt(data[dlo-head:dhi-head], int64(host+dlo))
+			return err
+		}
 		if err := im.readCluster(old[k], gstart+k*cs, c); err != nil {
 			return err
 		}
-		lo, hi := k*cs, (k+1)*cs
-		dlo, dhi := max(lo, head), min(hi, tailEnd)
 		copy(c[dlo-lo:dhi-lo], data[dlo-head:dhi-head])
 		_, err := im.f.WriteAt(c, int64(host+lo))
 		return err
