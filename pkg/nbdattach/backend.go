@@ -63,6 +63,14 @@ type FastZeroer interface {
 	CanFastZero(off, length int64, noHole bool) bool
 }
 
+// Orderer is implemented by backends whose writes to some ranges must be
+// applied in the order they arrived on a connection (a zoned device's
+// sequential zones). Write-type requests with the same key run one after
+// another in arrival order; others still run concurrently.
+type Orderer interface {
+	OrderKey(off, length int64) (key int64, ok bool)
+}
+
 // Cacher is implemented by backends that can prefetch (NBD_CMD_CACHE).
 // Without it NBD_CMD_CACHE succeeds without doing anything.
 type Cacher interface {

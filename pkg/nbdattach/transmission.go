@@ -27,7 +27,11 @@ type transmitter struct {
 	backend Backend
 	size    uint64
 
-	sem      chan struct{} // one token per request in flight
+	sem chan struct{} // one token per request in flight
+
+	orderer  Orderer // nil unless the backend needs per-key ordering
+	omu      sync.Mutex
+	order    map[int64]chan struct{} // per key: closed when the last dispatched request finishes
 	inflight sync.WaitGroup
 	dirty    atomic.Bool // a write-type command succeeded since the last flush
 	closing  atomic.Bool // shutdown began: keep the shutdown write deadline
@@ -37,7 +41,7 @@ type transmitter struct {
 }
 
 func (s *Server) newTransmitter(c net.Conn, br *bufio.Reader, sess *session) *transmitter {
-	return &transmitter{
+	t := &transmitter{
 		srv:     s,
 		nc:      c,
 		br:      br,
@@ -46,7 +50,10 @@ func (s *Server) newTransmitter(c net.Conn, br *bufio.Reader, sess *session) *tr
 		backend: sess.cfg.backend,
 		size:    uint64(sess.cfg.backend.Size()),
 		sem:     make(chan struct{}, s.workers),
+		order:   map[int64]chan struct{}{},
 	}
+	t.orderer, _ = t.backend.(Orderer)
+	return t
 }
 
 // run reads requests until NBD_CMD_DISC, end of stream, a protocol error or
@@ -129,8 +136,49 @@ func (t *transmitter) dispatch(req request) error {
 		t.sem <- struct{}{}
 	}
 	t.inflight.Add(1)
-	go t.work(req, payload)
+	prev, done := t.sequence(req)
+	go func() {
+		if prev != nil {
+			<-prev
+		}
+		t.work(req, payload)
+		if done != nil {
+			t.omu.Lock()
+			close(done)
+			for k, c := range t.order {
+				if c == done {
+					delete(t.order, k)
+				}
+			}
+			t.omu.Unlock()
+		}
+	}()
 	return nil
+}
+
+// sequence chains a request behind the previous one with the same ordering
+// key, when the backend asks for it (Orderer): writes to one sequential zone
+// must be applied in the order they arrived, as a zoned device's zone write
+// lock would. Called from the reader goroutine, so chains follow arrival.
+func (t *transmitter) sequence(req request) (prev, done chan struct{}) {
+	if t.orderer == nil {
+		return nil, nil
+	}
+	switch req.typ {
+	case cmdWrite, cmdWriteZeroes, cmdTrim:
+	default:
+		return nil, nil
+	}
+	key, ok := t.orderer.OrderKey(int64(req.offset), int64(req.length))
+	if !ok {
+		return nil, nil
+	}
+	done = make(chan struct{})
+	t.omu.Lock()
+	prev = t.order[key]
+	t.order[key] = done
+	t.omu.Unlock()
+	return prev, done
 }
 
 func (t *transmitter) work(req request, payload *buffer) {
@@ -376,7 +424,10 @@ func (t *transmitter) descriptors(ctxName string, req request, ext []Extent) []E
 		}
 		for pos < end {
 			l := min(end-pos, maxLen)
-			if n := len(out); n > 0 && out[n-1].Flags == e.Flags && out[n-1].Length+l <= maxLen {
+			// Neighbours with equal flags merge for base:allocation only:
+			// in other contexts a boundary may carry meaning (zq:zones
+			// keeps one extent per zone side).
+			if n := len(out); n > 0 && ctxName == BaseAllocation && out[n-1].Flags == e.Flags && out[n-1].Length+l <= maxLen {
 				out[n-1].Length += l
 			} else {
 				out = append(out, Extent{Length: l, Flags: e.Flags})

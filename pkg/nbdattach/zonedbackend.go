@@ -19,11 +19,14 @@ const ZonesContext = "zq:zones"
 //	bits 4-7  zone type (1 conventional, 2 sequential write required)
 //	bit  8    unwritten: the extent lies at or past the write pointer
 //	bit  9    zone start: the extent begins a zone
+//	bits 12-31 zone index (nr_zones is at most 2^20), so that neighbouring
+//	          zones never share flags and clients do not merge them
 const (
-	ZoneFlagCondMask  = 0xf
-	ZoneFlagTypeShift = 4
-	ZoneFlagUnwritten = 1 << 8
-	ZoneFlagZoneStart = 1 << 9
+	ZoneFlagCondMask   = 0xf
+	ZoneFlagTypeShift  = 4
+	ZoneFlagUnwritten  = 1 << 8
+	ZoneFlagZoneStart  = 1 << 9
+	ZoneFlagIndexShift = 12
 )
 
 // ZonedBackend serves a zoned device: zone rules enforced on every write
@@ -37,7 +40,20 @@ var (
 	_ Backend       = ZonedBackend{}
 	_ BlockStatuser = ZonedBackend{}
 	_ MetaContexter = ZonedBackend{}
+	_ Orderer       = ZonedBackend{}
 )
+
+// OrderKey serializes writes per sequential zone, in arrival order, like
+// the zone write lock of a zoned block device: a client (or the kernel)
+// with several writes to one zone in flight sees them applied in order.
+func (b ZonedBackend) OrderKey(off, length int64) (int64, bool) {
+	g := b.D.Geometry()
+	i := g.ZoneIndex(uint64(off))
+	if i < 0 || g.IsConventional(i) {
+		return 0, false
+	}
+	return int64(i), true
+}
 
 // zoneErr attaches the errno a Linux zoned device would return; NBD has
 // few error codes, so most become NBD_EIO.
@@ -96,7 +112,7 @@ func (b ZonedBackend) BlockStatus(ctx string, off, length int64) ([]Extent, erro
 			if r.Type == zoned.TypeConventional {
 				wp = r.Start + r.Len
 			}
-			base := uint32(r.Cond)&ZoneFlagCondMask | uint32(r.Type)<<ZoneFlagTypeShift
+			base := uint32(r.Cond)&ZoneFlagCondMask | uint32(r.Type)<<ZoneFlagTypeShift | uint32(i)<<ZoneFlagIndexShift
 			if a == r.Start {
 				base |= ZoneFlagZoneStart
 			}
