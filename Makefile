@@ -12,8 +12,10 @@ help: ## list targets
 build: ## build bin/zq-csi
 	$(GO) build -o $(BIN) ./cmd/zq-csi
 
-test: ## unit, fuzz-seed and interop tests (qemu-img peers), race detector on
+test: ## unit, fuzz-seed, interop (qemu-img, libnbd, fio) and csi-sanity tests, race detector on
 	$(GO) test -race -count=1 $(PKGS)
+	@# the sanity suite prints its spec counts only in verbose mode
+	set -o pipefail; $(GO) test -count=1 -v -run 'TestSanity' ./test/sanity/ 2>&1 | grep -E '^zq-csi sanity:|^(ok|FAIL|--- FAIL)'
 
 verify: ## gofmt, go vet, go mod tidy check
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -33,3 +35,7 @@ demo: build ## build, create a zoned image with the seed's options, show it
 
 clean:
 	rm -rf bin
+
+.PHONY: test-vm
+test-vm: ## kernel tests in a qemu VM with Debian's kernel (needs qemu-system-x86 busybox-static qemu-utils)
+	bash test/vm/run.sh

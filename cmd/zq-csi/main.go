@@ -12,6 +12,8 @@ import (
 	"runtime/debug"
 
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/imgcmd"
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/nbdcmd"
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/servecmd"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -38,12 +40,13 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "img":
 		return imgcmd.Main(args[1:], imgcmd.Env{Stdin: stdin, Stdout: stdout, Stderr: stderr})
+	case "nbd": // kernel attach debugging: zq-csi nbd attach|detach|list|recover
+		return nbdcmd.Main(args[1:], nbdcmd.Env{Stdout: stdout, Stderr: stderr})
 	case "version", "--version":
 		fmt.Fprintf(stdout, "zq-csi version %s%s\n", version, vcsRevision())
 		return 0
 	case "serve":
-		fmt.Fprintln(stderr, "zq-csi serve: not yet implemented")
-		return 2
+		return servecmd.Main(args[1:], servecmd.Env{Stdout: stdout, Stderr: stderr, Version: version})
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -58,4 +58,30 @@
 // The handshake has a deadline (WithHandshakeTimeout) so a silent client
 // cannot hold a goroutine. Extended headers, TLS and resizing are not
 // implemented.
+//
+// # Kernel attach
+//
+// NetlinkAttacher implements Attacher with the kernel's generic netlink NBD
+// interface (NetlinkClient; the connection is injected). Attach makes a
+// socketpair, serves one end with ServeTransmission and hands the other to
+// NBD_CMD_CONNECT with the size, block size, Export.Flags, TIMEOUT 0,
+// DEAD_CONN_TIMEOUT, DESTROY_ON_DISCONNECT (never DISCONNECT_ON_CLOSE) and
+// the volume id as BACKEND_IDENTIFIER; it then waits for /dev/nbdN and
+// writes a record to the state directory (StateStore: temp file, fsync,
+// rename). Detach flushes through the device, DISCONNECTs, and waits until
+// the server has seen NBD_CMD_DISC and flushed.
+//
+// Restart: when the serving process stops (Shutdown drains, flushes and
+// closes its sockets; SIGKILL just closes them) the kernel parks I/O on the
+// device for DEAD_CONN_TIMEOUT. The next process's Recover checks each
+// record against NBD_CMD_STATUS and /sys/block/nbdN/backend, leaves a
+// device with another backend id alone, RECONFIGUREs ours with a new
+// socket (the kernel takes it only if the old one is dead, see
+// ErrDeviceBusy) and only then reopens the image. Requests that were in
+// flight on the dead socket are resent by the kernel when the device's
+// request timer (RequeueInterval, queue/io_timeout) next fires, which
+// bounds the stall. The serving process should call SetIOFlusher.
+//
+// Kernels without the "nbd" family get ErrNoKernelNBD, naming modprobe
+// nbd; the ioctl interface is not used, since it cannot survive a restart.
 package nbdattach

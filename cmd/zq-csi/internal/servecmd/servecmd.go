@@ -1,0 +1,175 @@
+// Package servecmd is `zq-csi serve`: it parses flags (each also from an
+// environment variable) into a driver.Config and runs the driver.
+package servecmd
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"k8s.io/klog/v2"
+
+	"github.com/zq-csi/zq-csi/pkg/driver"
+	"github.com/zq-csi/zq-csi/pkg/nbdattach"
+)
+
+// Env is what the command needs from its process.
+type Env struct {
+	Stdout, Stderr io.Writer
+	Getenv         func(string) string // nil: os.Getenv
+	Version        string
+}
+
+type options struct {
+	endpoint, mode, nodeID, dataDir, stateDir, driverName, attacher string
+	maxVolumes                                                      int64
+	verbosity                                                       string
+}
+
+// envNames lists, per flag, the environment variables read when the flag
+// is not given (first set one wins). The CSI_ENDPOINT and node-name
+// spellings are the ones Kubernetes manifests conventionally use.
+var envNames = map[string][]string{
+	"endpoint":    {"ZQ_CSI_ENDPOINT", "CSI_ENDPOINT"},
+	"mode":        {"ZQ_CSI_MODE"},
+	"node-id":     {"ZQ_CSI_NODE_ID", "NODE_NAME", "KUBE_NODE_NAME"},
+	"data-dir":    {"ZQ_CSI_DATA_DIR"},
+	"state-dir":   {"ZQ_CSI_STATE_DIR"},
+	"driver-name": {"ZQ_CSI_DRIVER_NAME"},
+	"attacher":    {"ZQ_CSI_ATTACHER"},
+	"max-volumes": {"ZQ_CSI_MAX_VOLUMES"},
+	"v":           {"ZQ_CSI_V"},
+}
+
+const usage = `Usage: zq-csi serve [flags]
+
+Runs the zq-csi CSI driver. Every flag can also be given by the environment
+variable shown in brackets; a flag on the command line wins.
+
+Flags:
+`
+
+// Main runs `zq-csi serve` until SIGINT/SIGTERM and returns the exit code.
+func Main(args []string, env Env) int {
+	if env.Getenv == nil {
+		env.Getenv = os.Getenv
+	}
+	fs := flag.NewFlagSet("zq-csi serve", flag.ContinueOnError)
+	fs.SetOutput(env.Stderr)
+	var o options
+	fs.StringVar(&o.endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint: unix:///path or tcp://host:port")
+	fs.StringVar(&o.mode, "mode", "all", "services to run: controller, node or all (controller and node in one process, local backend)")
+	fs.StringVar(&o.nodeID, "node-id", "", "this node's name (the topology.zq-csi/node segment); required")
+	fs.StringVar(&o.dataDir, "data-dir", "/var/lib/zq-csi", "directory holding the volume and snapshot images")
+	fs.StringVar(&o.stateDir, "state-dir", "", "directory holding records and attachment state (default <data-dir>/state); must survive plugin restarts")
+	fs.StringVar(&o.driverName, "driver-name", driver.DefaultDriverName, "CSI driver name")
+	fs.StringVar(&o.attacher, "attacher", "nbd", "how staged volumes reach the kernel: nbd (netlink NBD), or file (a stand-in file for conformance runs on machines without nbd; data does not reach the image)")
+	fs.Int64Var(&o.maxVolumes, "max-volumes", 0, "volumes per node reported by NodeGetInfo (0: the attacher's device count)")
+	fs.StringVar(&o.verbosity, "v", "0", "log verbosity (2: every CSI call, secrets stripped)")
+	fs.Usage = func() {
+		fmt.Fprint(env.Stderr, usage)
+		fs.VisitAll(func(f *flag.Flag) {
+			fmt.Fprintf(env.Stderr, "  --%s [%s]\n\t%s (default %q)\n", f.Name, strings.Join(envNames[f.Name], ", "), f.Usage, f.DefValue)
+		})
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(env.Stderr, "zq-csi serve: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	if err := fromEnv(fs, env.Getenv); err != nil {
+		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\n", err)
+		return 2
+	}
+	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(klogFlags)
+	if err := klogFlags.Set("v", o.verbosity); err != nil {
+		fmt.Fprintf(env.Stderr, "zq-csi serve: --v=%s: %v\n", o.verbosity, err)
+		return 2
+	}
+	klog.SetOutput(env.Stderr)
+	klog.LogToStderr(false)
+	defer klog.Flush()
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, o, env.Version); err != nil {
+		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// fromEnv fills every flag not set on the command line from its variables.
+func fromEnv(fs *flag.FlagSet, getenv func(string) string) error {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] || err != nil {
+			return
+		}
+		for _, name := range envNames[f.Name] {
+			if v := getenv(name); v != "" {
+				if e := f.Value.Set(v); e != nil {
+					err = fmt.Errorf("%s=%s: %v", name, v, e)
+				}
+				return
+			}
+		}
+	})
+	return err
+}
+
+func run(ctx context.Context, o options, version string) error {
+	if o.stateDir == "" {
+		o.stateDir = filepath.Join(o.dataDir, "state")
+	}
+	cfg := driver.Config{
+		DriverName:        o.driverName,
+		Version:           version,
+		NodeID:            o.nodeID,
+		Mode:              driver.Mode(o.mode),
+		DataDir:           o.dataDir,
+		StateDir:          o.stateDir,
+		MaxVolumesPerNode: o.maxVolumes,
+	}
+	if cfg.Mode != driver.ModeController {
+		att, err := newAttacher(o.attacher, filepath.Join(o.stateDir, "attach-"+o.attacher))
+		if err != nil {
+			return err
+		}
+		if s, ok := att.(interface{ Shutdown(context.Context) error }); ok {
+			defer s.Shutdown(context.Background())
+		}
+		cfg.Attacher = att
+	}
+	d, err := driver.New(cfg)
+	if err != nil {
+		return err
+	}
+	return d.Run(ctx, o.endpoint)
+}
+
+func newAttacher(kind, stateDir string) (nbdattach.Attacher, error) {
+	switch kind {
+	case "file":
+		klog.InfoS("Using the file attacher: staged volumes are stand-in files and data written to them does not reach the images; for conformance tests only")
+		return driver.NewFileAttacher(stateDir, 0)
+	case "nbd":
+		return newNBDAttacher(stateDir)
+	}
+	return nil, fmt.Errorf("--attacher=%s: must be nbd or file", kind)
+}

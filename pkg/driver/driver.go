@@ -1,0 +1,247 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync/atomic"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+	mount "k8s.io/mount-utils"
+
+	"github.com/zq-csi/zq-csi/pkg/nbdattach"
+)
+
+// Mode selects the services a process serves.
+type Mode string
+
+const (
+	ModeController Mode = "controller"
+	ModeNode       Mode = "node"
+	ModeAll        Mode = "all"
+)
+
+// TopologyKey is the topology segment naming the node that holds a volume.
+const TopologyKey = "topology.zq-csi/node"
+
+// DefaultDriverName is the CSI driver name unless configured otherwise.
+const DefaultDriverName = "zq-csi.zq-csi.io"
+
+// Config configures a Driver.
+type Config struct {
+	DriverName string // default DefaultDriverName
+	Version    string
+	NodeID     string
+	Mode       Mode
+	DataDir    string // images (node, and the local backend)
+	StateDir   string // records: controller (local backend) and node attachments
+
+	// Attacher exposes staged volumes (node and all modes).
+	Attacher nbdattach.Attacher
+	// MaxVolumesPerNode overrides what NodeGetInfo reports; 0 asks the
+	// attacher (MaxDevices) and reports no limit if it cannot say.
+	MaxVolumesPerNode int64
+	// Mounter bind-mounts devices onto publish targets; nil uses the
+	// system's mount(8).
+	Mounter mount.Interface
+	// Backend overrides the controller's backend; nil uses the local one.
+	Backend Backend
+}
+
+// Driver is one zq-csi plugin process.
+type Driver struct {
+	cfg     Config
+	images  *Images
+	backend Backend // nil in node mode
+	node    *nodeState
+	ready   atomic.Bool
+
+	ctrlLocks *keyLocks
+	nodeLocks *keyLocks
+}
+
+var driverNamePattern = regexp.MustCompile(`^[a-zA-Z][A-Za-z0-9-._]{0,61}[a-zA-Z]$`)
+
+// New validates cfg and opens the state it names. Call Recover before
+// serving the node service.
+func New(cfg Config) (*Driver, error) {
+	if cfg.DriverName == "" {
+		cfg.DriverName = DefaultDriverName
+	}
+	if !driverNamePattern.MatchString(cfg.DriverName) {
+		return nil, fmt.Errorf("driver name %q: must be 2-63 characters, start and end with a letter, and hold only letters, digits, '-', '.' and '_'", cfg.DriverName)
+	}
+	if cfg.Version == "" {
+		cfg.Version = "dev"
+	}
+	switch cfg.Mode {
+	case ModeController, ModeNode, ModeAll:
+	case "":
+		cfg.Mode = ModeAll
+	default:
+		return nil, fmt.Errorf("mode %q: must be controller, node or all", cfg.Mode)
+	}
+	if cfg.NodeID == "" {
+		return nil, errors.New("node id is required (the node name, used as the topology segment)")
+	}
+	if cfg.DataDir == "" || cfg.StateDir == "" {
+		return nil, errors.New("data dir and state dir are required")
+	}
+	d := &Driver{cfg: cfg, ctrlLocks: newKeyLocks(), nodeLocks: newKeyLocks()}
+	var err error
+	if d.images, err = NewImages(cfg.DataDir); err != nil {
+		return nil, err
+	}
+	if cfg.Mode != ModeNode {
+		d.backend = cfg.Backend
+		if d.backend == nil {
+			store, err := NewFileStore(filepath.Join(cfg.StateDir, "controller"))
+			if err != nil {
+				return nil, err
+			}
+			d.backend = NewLocalBackend(store, d.images, cfg.NodeID)
+		}
+	}
+	if cfg.Mode != ModeController {
+		if cfg.Attacher == nil {
+			return nil, errors.New("node mode needs an attacher")
+		}
+		if d.cfg.Mounter == nil {
+			d.cfg.Mounter = mount.NewWithoutSystemd("")
+		}
+		if d.node, err = openNodeState(filepath.Join(cfg.StateDir, "node")); err != nil {
+			return nil, err
+		}
+	} else {
+		d.ready.Store(true)
+	}
+	return d, nil
+}
+
+// Recover re-establishes the attachments of an earlier run (DESIGN.md
+// point 5) before the node service answers: each recorded volume's image
+// is reopened and handed back to its attachment. Probe reports not ready
+// until it has run.
+func (d *Driver) Recover(ctx context.Context) error {
+	if d.node == nil {
+		d.ready.Store(true)
+		return nil
+	}
+	atts, err := d.cfg.Attacher.Recover(ctx, func(a nbdattach.Attachment) (nbdattach.Backend, error) {
+		s, err := d.images.acquire(a.VolumeID)
+		if err != nil {
+			return nil, err
+		}
+		return &slotBackend{s: s, ro: a.ReadOnly}, nil
+	})
+	klog.InfoS("Recovered attachments", "count", len(atts), "attacher", d.cfg.Attacher.Kind())
+	if err != nil {
+		return fmt.Errorf("recover attachments: %w", err)
+	}
+	// Node records whose attachment did not come back are stale.
+	live := map[string]bool{}
+	for _, a := range atts {
+		live[a.VolumeID] = true
+	}
+	for _, st := range d.node.list() {
+		if !live[st.ID] {
+			klog.InfoS("Volume staged before the restart has no attachment any more", "volumeID", st.ID)
+			st.Lost = true
+			if err := d.node.put(st); err != nil {
+				return err
+			}
+		}
+	}
+	d.ready.Store(true)
+	return nil
+}
+
+// Register adds the services of mode to s (identity always).
+func (d *Driver) Register(s *grpc.Server, mode Mode) {
+	csi.RegisterIdentityServer(s, &identityServer{d: d})
+	if mode != ModeNode && d.backend != nil {
+		csi.RegisterControllerServer(s, &controllerServer{d: d})
+		csi.RegisterGroupControllerServer(s, &groupControllerServer{d: d})
+	}
+	if mode != ModeController && d.node != nil {
+		csi.RegisterNodeServer(s, &nodeServer{d: d})
+	}
+}
+
+// NewServer returns a gRPC server with the services of mode and the
+// logging interceptor.
+func (d *Driver) NewServer(mode Mode) *grpc.Server {
+	s := grpc.NewServer(grpc.UnaryInterceptor(logInterceptor))
+	d.Register(s, mode)
+	return s
+}
+
+// Listen opens a CSI endpoint: unix:///path (or a bare path), or
+// tcp://host:port. A stale unix socket file is removed first.
+func Listen(endpoint string) (net.Listener, error) {
+	network, addr := "unix", endpoint
+	if strings.Contains(endpoint, "://") {
+		u, err := url.Parse(endpoint)
+		if err != nil {
+			return nil, fmt.Errorf("endpoint %q: %w", endpoint, err)
+		}
+		network = u.Scheme
+		switch network {
+		case "unix":
+			addr = u.Path
+			if addr == "" {
+				addr = u.Host + u.Opaque
+			}
+		case "tcp":
+			addr = u.Host
+		default:
+			return nil, fmt.Errorf("endpoint %q: scheme must be unix or tcp", endpoint)
+		}
+	}
+	if network == "unix" {
+		if err := os.MkdirAll(filepath.Dir(addr), 0o750); err != nil {
+			return nil, err
+		}
+		if err := os.Remove(addr); err != nil && !os.IsNotExist(err) {
+			return nil, fmt.Errorf("remove stale socket %s: %w", addr, err)
+		}
+	}
+	return net.Listen(network, addr)
+}
+
+// Run recovers, serves mode's services on endpoint until ctx ends, then
+// stops gracefully.
+func (d *Driver) Run(ctx context.Context, endpoint string) error {
+	l, err := Listen(endpoint)
+	if err != nil {
+		return err
+	}
+	s := d.NewServer(d.cfg.Mode)
+	errc := make(chan error, 1)
+	go func() { errc <- s.Serve(l) }()
+	klog.InfoS("Serving CSI", "endpoint", endpoint, "mode", d.cfg.Mode, "driver", d.cfg.DriverName, "node", d.cfg.NodeID)
+	// Probe answers not-ready while attachments are recovered.
+	if err := d.Recover(ctx); err != nil {
+		s.Stop()
+		return err
+	}
+	select {
+	case <-ctx.Done():
+		s.GracefulStop()
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+func (d *Driver) topology() *csi.Topology {
+	return &csi.Topology{Segments: map[string]string{TopologyKey: d.cfg.NodeID}}
+}

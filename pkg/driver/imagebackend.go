@@ -1,0 +1,109 @@
+package driver
+
+import (
+	"syscall"
+
+	"github.com/zq-csi/zq-csi/pkg/nbdattach"
+	"github.com/zq-csi/zq-csi/pkg/qcow2"
+)
+
+// slotBackend serves a staged volume's zoned device (nbdattach.ZonedBackend:
+// zone rules enforced, zones visible through zq:zones) to an attacher.
+// Every request holds the slot's gate shared, so Images can freeze the
+// volume (snapshot, expansion, limit change) and reopen the device under
+// it; a request that finds no device fails rather than blocks.
+type slotBackend struct {
+	s  *imageSlot
+	ro bool
+}
+
+var (
+	_ nbdattach.Backend       = (*slotBackend)(nil)
+	_ nbdattach.BlockStatuser = (*slotBackend)(nil)
+	_ nbdattach.MetaContexter = (*slotBackend)(nil)
+)
+
+func (b *slotBackend) zb() (nbdattach.ZonedBackend, func(), error) {
+	b.s.gate.RLock()
+	if b.s.dev == nil {
+		b.s.gate.RUnlock()
+		return nbdattach.ZonedBackend{}, nil, qcow2.ErrClosed
+	}
+	return nbdattach.ZonedBackend{D: b.s.dev}, b.s.gate.RUnlock, nil
+}
+
+func (b *slotBackend) ReadAt(p []byte, off int64) (int, error) {
+	z, done, err := b.zb()
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	return z.ReadAt(p, off)
+}
+
+func (b *slotBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
+	if b.ro {
+		return 0, syscall.EPERM
+	}
+	z, done, err := b.zb()
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	return z.WriteAt(p, off, fua)
+}
+
+func (b *slotBackend) Flush() error {
+	z, done, err := b.zb()
+	if err != nil {
+		return err
+	}
+	defer done()
+	return z.Flush()
+}
+
+func (b *slotBackend) Trim(off, length int64) error {
+	if b.ro {
+		return syscall.EPERM
+	}
+	z, done, err := b.zb()
+	if err != nil {
+		return err
+	}
+	defer done()
+	return z.Trim(off, length)
+}
+
+func (b *slotBackend) WriteZeroes(off, length int64, noHole bool) error {
+	if b.ro {
+		return syscall.EPERM
+	}
+	z, done, err := b.zb()
+	if err != nil {
+		return err
+	}
+	defer done()
+	return z.WriteZeroes(off, length, noHole)
+}
+
+func (b *slotBackend) Size() int64 {
+	z, done, err := b.zb()
+	if err != nil {
+		return 0
+	}
+	defer done()
+	return z.Size()
+}
+
+func (b *slotBackend) ReadOnly() bool { return b.ro }
+
+func (b *slotBackend) MetaContexts() []string { return nbdattach.ZonedBackend{}.MetaContexts() }
+
+func (b *slotBackend) BlockStatus(ctx string, off, length int64) ([]nbdattach.Extent, error) {
+	z, done, err := b.zb()
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	return z.BlockStatus(ctx, off, length)
+}

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# The VM lane (make test-vm): boots Debian's own kernel under qemu with an
+# initramfs of busybox, the kernel's block modules and our static test
+# binaries, runs the kernel tests of test/vm there, and reports through
+# marker lines on the serial console. Needs only Debian packages:
+#   qemu-system-x86 busybox-static (qemu-utils for the qemu-nbd comparison)
+# The kernel package is fetched with apt-get download and cached outside
+# the work tree, keyed by its version.
+#
+# Environment:
+#   ZQ_VM_CACHE        cache root (default /var/cache/zq-csi/vm)
+#   ZQ_VM_ACCEL        tcg (default) or kvm
+#   ZQ_VM_TIMEOUT      seconds before the VM is killed (default 900)
+#   ZQ_VM_MIB          MiB written per I/O test and per dd run (default 64)
+#   ZQ_VM_RUN          -test.run pattern for the in-VM Go tests
+#   ZQ_REQUIRE_VM=1 or ZQ_REQUIRE_PEERS=1: a missing tool fails instead of skipping
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PATH=/usr/local/go/bin:$PATH
+
+say() { printf '[test-vm] %s\n' "$*"; }
+skip_or_fail() {
+  printf '\n[test-vm] ******** SKIPPED: %s ********\n\n' "$*" >&2
+  if [ "${ZQ_REQUIRE_VM:-${ZQ_REQUIRE_PEERS:-0}}" = 1 ]; then
+    echo "[test-vm] FAIL: required (ZQ_REQUIRE_VM/ZQ_REQUIRE_PEERS=1)" >&2
+    exit 1
+  fi
+  exit 0
+}
+
+command -v qemu-system-x86_64 >/dev/null || skip_or_fail "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+BUSYBOX=""
+for b in /bin/busybox /usr/bin/busybox; do
+  # ldd fails on a static binary: that is the one that runs without libc.
+  if [ -x "$b" ] && ! ldd "$b" >/dev/null 2>&1; then BUSYBOX=$b; break; fi
+done
+[ -n "$BUSYBOX" ] || skip_or_fail "no static busybox (apt-get install busybox-static)"
+command -v apt-get >/dev/null || skip_or_fail "apt-get missing: the kernel comes from Debian's packages"
+
+CACHE=${ZQ_VM_CACHE:-/var/cache/zq-csi/vm}
+mkdir -p "$CACHE"
+t0=$(date +%s)
+
+# --- kernel: the package linux-image-amd64 depends on -----------------------
+if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then apt-get update -qq; fi
+KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+[ -n "$KPKG" ] || skip_or_fail "apt has no linux-image-amd64 (run apt-get update)"
+KVER_PKG=$(apt-cache policy "$KPKG" | awk '/Candidate:/{print $2}')
+KDIR="$CACHE/$KPKG-$KVER_PKG"
+if [ ! -f "$KDIR/.complete" ]; then
+  say "fetching $KPKG $KVER_PKG into $KDIR"
+  rm -rf "$KDIR"; mkdir -p "$KDIR/dl"
+  (cd "$KDIR/dl" && apt-get download "$KPKG" >/dev/null 2>&1) || { rm -rf "$KDIR"; echo "apt-get download $KPKG failed" >&2; exit 1; }
+  dpkg-deb -x "$KDIR"/dl/*.deb "$KDIR/x"
+  KREL=$(ls "$KDIR/x/lib/modules")
+  cp "$KDIR/x/boot/vmlinuz-$KREL" "$KDIR/vmlinuz"
+  mkdir -p "$KDIR/modules/$KREL"
+  # The block drivers the tests load, and what they need; decompressed.
+  (cd "$KDIR/x/lib/modules/$KREL" && cp --parents modules.order modules.builtin modules.builtin.modinfo \
+     kernel/drivers/block/nbd.ko* kernel/drivers/block/loop.ko* \
+     kernel/drivers/block/null_blk/null_blk.ko* kernel/fs/configfs/configfs.ko* "$KDIR/modules/$KREL/")
+  (cd "$KDIR/x/lib/modules/$KREL" && cp --parents kernel/drivers/block/ublk_drv.ko* "$KDIR/modules/$KREL/" 2>/dev/null) || true
+  find "$KDIR/modules" -name '*.ko.xz' -exec xz -d {} + ; find "$KDIR/modules" -name '*.ko.zst' -exec zstd -q -d --rm {} +
+  echo "$KREL" > "$KDIR/release"
+  rm -rf "$KDIR/x" "$KDIR/dl"
+  touch "$KDIR/.complete"
+fi
+KREL=$(cat "$KDIR/release")
+say "kernel $KREL ($KPKG $KVER_PKG) from $KDIR"
+
+# --- initramfs ---------------------------------------------------------------
+W=$(mktemp -d /tmp/zq-vm.XXXXXX)
+trap 'rm -rf "$W"' EXIT
+R="$W/root"
+mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,etc,zq,lib/modules}
+cp "$BUSYBOX" "$R/bin/busybox"
+for app in $("$BUSYBOX" --list); do [ -e "$R/bin/$app" ] || ln -s busybox "$R/bin/$app"; done
+cp -a "$KDIR/modules/$KREL" "$R/lib/modules/"
+say "building static test binaries"
+CGO_ENABLED=0 go test -c -o "$R/zq/vm.test" ./test/vm/
+CGO_ENABLED=0 go build -o "$R/zq/zq-csi" ./cmd/zq-csi
+# qemu-nbd for the throughput comparison, with its shared libraries.
+if command -v qemu-nbd >/dev/null; then
+  QN=$(command -v qemu-nbd)
+  mkdir -p "$R/usr/bin"; cp "$QN" "$R/usr/bin/qemu-nbd"
+  ldd "$QN" | awk '$1 ~ /^\// {print $1} /=>/ {print $3}' | while read -r lib; do
+    [ -f "$lib" ] && mkdir -p "$R$(dirname "$lib")" && cp -L "$lib" "$R$lib"
+  done
+else
+  say "qemu-nbd not installed (apt-get install qemu-utils): the throughput comparison will be skipped"
+fi
+cp test/vm/init.sh "$R/init"; chmod +x "$R/init"
+cat > "$R/zq/env" <<EOF
+ZQ_VM_MIB=${ZQ_VM_MIB:-64}
+ZQ_VM_RUN='${ZQ_VM_RUN:-.}'
+KREL=$KREL
+EOF
+(cd "$R" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1 > "$W/initrd.gz")
+say "initramfs $(du -h "$W/initrd.gz" | cut -f1); prepared in $(( $(date +%s) - t0 ))s"
+
+# --- boot ---------------------------------------------------------------------
+# TCG by default: on these machines /dev/kvm exists but a KVM guest hangs
+# after the BIOS (nested virtualisation), while TCG boots in about 2 s.
+ACCEL=${ZQ_VM_ACCEL:-tcg}
+case $ACCEL in
+  kvm) QACCEL=(-accel kvm -cpu host) ;;
+  *)   QACCEL=(-accel tcg -cpu max) ;;
+esac
+LOG="$W/console.log"
+say "booting with $ACCEL (log: console)"
+t1=$(date +%s)
+set +e
+timeout "${ZQ_VM_TIMEOUT:-900}" qemu-system-x86_64 "${QACCEL[@]}" -m 2048 -smp 2 -nographic -no-reboot \
+  -kernel "$KDIR/vmlinuz" -initrd "$W/initrd.gz" \
+  -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" </dev/null 2>&1 | tee "$LOG" | sed -u 's/^/  vm| /'
+qrc=${PIPESTATUS[0]}
+set -e
+t2=$(date +%s)
+if [ "$ACCEL" = kvm ] && grep -q "failed to initialize kvm\|Could not access KVM" "$LOG"; then
+  say "KVM unusable; rerun with ZQ_VM_ACCEL=tcg"
+fi
+
+# --- verdict ------------------------------------------------------------------
+tr -d '\r' < "$LOG" > "$W/clean.log"
+echo
+say "==== summary ($ACCEL, kernel $KREL, VM ran $((t2 - t1))s, total $((t2 - t0))s) ===="
+grep -E '^(--- (PASS|FAIL|SKIP)|    --- (PASS|FAIL|SKIP))' "$W/clean.log" | sed 's/^/[test-vm]   /' || true
+grep -E '^ZQVM: (RESTART|DD|RATIO|ZONED|UBLK|NULLBLK|MODULE)' "$W/clean.log" | sed 's/^ZQVM: /[test-vm]   /' || true
+if ! grep -q '^ZQVM: DONE' "$W/clean.log"; then
+  say "FAIL: the VM did not finish (qemu exit $qrc; timeout ${ZQ_VM_TIMEOUT:-900}s)"
+  exit 1
+fi
+rc=$(sed -n 's/^ZQVM: GO-TESTS rc=\([0-9]*\).*/\1/p' "$W/clean.log" | tail -1)
+npass=$(grep -cE '^\s*--- PASS' "$W/clean.log" || true)
+nfail=$(grep -cE '^\s*--- FAIL' "$W/clean.log" || true)
+nskip=$(grep -cE '^\s*--- SKIP' "$W/clean.log" || true)
+echo "vm: $npass passed, $nfail failed, $nskip skipped"
+if [ "$rc" != 0 ] || [ "$nfail" != 0 ] || [ "$npass" = 0 ]; then
+  say "FAIL"
+  exit 1
+fi
+say "PASS"
