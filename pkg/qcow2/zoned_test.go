@@ -355,3 +355,23 @@ func TestZonedValidationRules(t *testing.T) {
 		})
 	}
 }
+
+func TestSetZoneLimits(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "z.qcow2")
+	if _, err := Create(path, seedOptions()); err != nil {
+		t.Fatal(err)
+	}
+	im, _ := Open(path, OpenOptions{})
+	if err := im.SetZoneLimits(9, 8); !errors.Is(err, ErrInvalidOption) {
+		t.Fatalf("max_open > max_active accepted: %v", err)
+	}
+	if err := im.SetZoneLimits(3, 5); err != nil {
+		t.Fatal(err)
+	}
+	im.Close()
+	im, _ = Open(path, OpenOptions{ReadOnly: true})
+	defer im.Close()
+	if z := im.Info().Zoned; z.MaxOpenZones != 3 || z.MaxActiveZones != 5 {
+		t.Fatalf("limits not persisted: %+v", z)
+	}
+}

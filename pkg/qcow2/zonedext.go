@@ -313,3 +313,30 @@ func (im *Image) SetWritePointer(i uint32, wp uint64) error {
 	_, err := im.f.WriteAt(b, int64(z.MetaOffset)+int64(i)*8)
 	return err
 }
+
+// SetZoneLimits changes max_open_zones and max_active_zones in place (the
+// mutable zone parameters). Values that break spec §2 are refused, not
+// clamped: the caller asked for exactly these.
+func (im *Image) SetZoneLimits(maxOpen, maxActive uint32) error {
+	if im.ro {
+		return ErrReadOnly
+	}
+	im.meta.Lock()
+	defer im.meta.Unlock()
+	z := im.h.zoned
+	if z == nil {
+		return fmt.Errorf("%w: not a zoned image", ErrUnsupported)
+	}
+	c := *z
+	c.MaxOpenZones, c.MaxActiveZones = maxOpen, maxActive
+	if w := c.clamp(); len(w) > 0 {
+		return &OptionError{Name: "zone.max_open_zones/zone.max_active_zones", Value: fmt.Sprintf("%d/%d", maxOpen, maxActive), Rule: w[0]}
+	}
+	old := *z
+	*z = c
+	if err := im.writeHeader(); err != nil {
+		*z = old
+		return err
+	}
+	return syncFile(im.f)
+}
