@@ -354,17 +354,14 @@ func (m *Images) SetLimits(id string, maxOpen, maxActive uint32) (Geometry, erro
 			g = geometryFromExt(inf.VirtualSize, inf.ClusterSize, z)
 			return nil, nil
 		}
-		// pkg/qcow2 has no in-place setter for the limits yet: rebuild the
-		// image with the new limits (data and write pointers copied) and
-		// rename it over the old one.
-		path := m.VolumePath(id)
-		repl, err := rebuildTo(im, path, inf.VirtualSize, &maxOpen, &maxActive)
-		if err != nil {
+		// In place: only the header changes (the parameters were validated
+		// against the geometry before we got here).
+		if err := im.SetZoneLimits(maxOpen, maxActive); err != nil {
 			return nil, err
 		}
-		ri := repl.Info()
+		ri := im.Info()
 		g = geometryFromExt(ri.VirtualSize, ri.ClusterSize, ri.Zoned)
-		return repl, nil
+		return nil, nil
 	})
 	return g, err
 }
