@@ -8,6 +8,7 @@ import (
 	"os"
 
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
+	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
 const (
@@ -143,4 +144,55 @@ func (r *rawDevice) WriteZeroes(off, n int64, unmap bool) error {
 		n -= c
 	}
 	return nil
+}
+
+// isZoned reports whether path is a qcow2 image with the zoned extension.
+func isZoned(path string) (bool, error) {
+	im, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: true, NoBacking: true})
+	if err != nil {
+		return false, err
+	}
+	defer im.Close()
+	return im.Info().Zoned != nil, nil
+}
+
+// openIODevice opens path for "img io": a zoned image through the zone
+// engine, so that every read, write and discard follows the zone rules,
+// anything else as openDevice does. zdev is nil unless the image is zoned.
+func openIODevice(path, f string, readOnly bool) (dev device, zdev *zoned.Device, err error) {
+	f, err = resolveFormat(path, f)
+	if err != nil {
+		return nil, nil, err
+	}
+	if f == fmtQcow2 {
+		z, err := isZoned(path)
+		if err != nil {
+			return nil, nil, err
+		}
+		if z {
+			zd, err := zoned.Open(path, zoned.OpenOptions{ReadOnly: readOnly})
+			if err != nil {
+				return nil, nil, err
+			}
+			return zonedDevice{zd}, zd, nil
+		}
+	}
+	dev, _, err = openDevice(path, f, readOnly)
+	return dev, nil, err
+}
+
+// zonedDevice is a zoned image as a device: writes must follow the zone
+// rules, reads past a write pointer return zeros, and a discard is a TRIM
+// (whole sequential zones are reset, partial ranges ignored; spec §6).
+type zonedDevice struct{ d *zoned.Device }
+
+func (z zonedDevice) ReadAt(p []byte, off int64) (int, error)  { return z.d.ReadAt(p, off) }
+func (z zonedDevice) WriteAt(p []byte, off int64) (int, error) { return z.d.WriteAt(p, off, false) }
+func (z zonedDevice) Size() uint64                             { return uint64(z.d.Size()) }
+func (z zonedDevice) Discard(off, n int64) error               { return z.d.Trim(off, n) }
+func (z zonedDevice) Flush() error                             { return z.d.Flush() }
+func (z zonedDevice) Close() error                             { return z.d.Close() }
+
+func (z zonedDevice) WriteZeroes(off, n int64, unmap bool) error {
+	return z.d.WriteZeroes(off, n, !unmap)
 }

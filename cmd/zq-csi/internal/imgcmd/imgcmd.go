@@ -1,7 +1,8 @@
 // Package imgcmd implements "zq-csi img", an image tool whose subcommands,
 // options and output mirror qemu-img (create, info, check, convert, resize,
 // map) and qemu-io (io), so that people who know those tools feel at home and
-// tests can compare our output with theirs.
+// tests can compare our output with theirs. serve exports an image over NBD
+// the way qemu-nbd does.
 package imgcmd
 
 import (
@@ -11,6 +12,8 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+
+	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
 // Env carries the standard streams, so the commands can run in-process in
@@ -39,6 +42,7 @@ func init() {
 		"resize":  {runResize, "change the virtual size of an image", resizeUsage},
 		"map":     {runMap, "dump the allocation map of an image", mapUsage},
 		"io":      {runIO, "run qemu-io style commands on an image", ioUsage},
+		"serve":   {runServe, "export an image over NBD (like qemu-nbd)", serveUsage},
 	}
 }
 
@@ -122,10 +126,17 @@ func outputFormat(v string) (string, error) {
 }
 
 // strerror renders an error the way qemu's strerror() would for errnos
-// ("Input/output error") and keeps other errors as they are.
+// ("Input/output error") and keeps other errors as they are. A zone engine
+// error is shown as the errno a Linux zoned block device returns for it,
+// which is what qemu-io prints on such a device. Go's errno texts are
+// glibc's, lower-cased ("too many references: cannot splice").
 func strerror(err error) string {
 	var errno syscall.Errno
-	if errors.As(err, &errno) {
+	var ze *zoned.ZoneError
+	if errors.As(err, &ze) {
+		errno = zoned.Errno(err)
+	}
+	if errno != 0 || errors.As(err, &errno) {
 		s := errno.Error()
 		if s != "" {
 			return strings.ToUpper(s[:1]) + s[1:]

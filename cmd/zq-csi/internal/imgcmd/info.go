@@ -9,12 +9,14 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
+	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
 const infoUsage = `Usage: zq-csi img info [-f FMT] [--output=human|json] [-U] FILE
 
 Show the format, sizes and qcow2 header information of an image, like
-qemu-img info. Zoned images also show their zone configuration.
+qemu-img info. Zoned images also show their zone configuration and how
+many zones are in each condition; --output=json lists every zone.
 
   -f FMT           qcow2 or raw (detected from the magic when omitted)
   --output=FORMAT  human (default) or json
@@ -60,8 +62,35 @@ type jsonZoned struct {
 	Layout            string `json:"layout"`
 	WPTableOffset     uint64 `json:"wp-table-offset"`
 	WPTableSize       uint64 `json:"wp-table-size"`
+	// What the zone engine reports on opening the image: open zones live in
+	// memory only, so a partially written zone shows as CLOSED (spec §4).
+	Conditions *jsonZoneConds `json:"zone-conditions,omitempty"`
+	Zones      []jsonZone     `json:"zones,omitempty"`
 
 	layoutLong string // human output: qcow2.ZoneLayout.String()
+}
+
+// jsonZoneConds counts the zones in each condition.
+type jsonZoneConds struct {
+	Empty   uint32 `json:"empty"`
+	ImpOpen uint32 `json:"imp-open"`
+	ExpOpen uint32 `json:"exp-open"`
+	Closed  uint32 `json:"closed"`
+	Full    uint32 `json:"full"`
+	NotWP   uint32 `json:"not-wp"`
+}
+
+// jsonZone is one zone as BLKREPORTZONE describes it, in bytes; the codes
+// are Linux's (blkzoned.h), the names those of zoned.Cond and ZoneType.
+type jsonZone struct {
+	Start         uint64 `json:"start"`
+	Length        uint64 `json:"length"`
+	Capacity      uint64 `json:"capacity"`
+	WP            uint64 `json:"wp"`
+	Type          string `json:"type"`
+	TypeCode      uint8  `json:"type-code"`
+	Condition     string `json:"condition"`
+	ConditionCode uint8  `json:"condition-code"`
 }
 
 type jsonInfo struct {
@@ -118,6 +147,11 @@ func runInfo(e Env, args []string) int {
 		ji.VirtualSize = im.Size()
 		_ = im.Close()
 		fillQcow2Info(&ji, info)
+		if ji.Zoned != nil {
+			if err := fillZones(ji.Zoned, file); err != nil {
+				return fail(e, file, fmt.Errorf("Could not open '%s': %w", file, err))
+			}
+		}
 	}
 	if output == "json" {
 		b, err := json.MarshalIndent(ji, "", "    ")
@@ -172,6 +206,39 @@ func fillQcow2Info(ji *jsonInfo, info qcow2.Info) {
 			WPTableOffset: z.MetaOffset, WPTableSize: z.MetaSize,
 		}
 	}
+}
+
+// fillZones reports every zone through the zone engine, opened read-only
+// so that info never changes the image.
+func fillZones(z *jsonZoned, file string) error {
+	d, err := zoned.Open(file, zoned.OpenOptions{ReadOnly: true})
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	var c jsonZoneConds
+	reps := d.Report(0, int(d.Geometry().NrZones))
+	z.Zones = make([]jsonZone, 0, len(reps))
+	for _, r := range reps {
+		switch r.Cond {
+		case zoned.CondEmpty:
+			c.Empty++
+		case zoned.CondImpOpen:
+			c.ImpOpen++
+		case zoned.CondExpOpen:
+			c.ExpOpen++
+		case zoned.CondClosed:
+			c.Closed++
+		case zoned.CondFull:
+			c.Full++
+		case zoned.CondNotWP:
+			c.NotWP++
+		}
+		z.Zones = append(z.Zones, jsonZone{Start: r.Start, Length: r.Len, Capacity: r.Cap, WP: r.WP,
+			Type: r.Type.String(), TypeCode: uint8(r.Type), Condition: r.Cond.String(), ConditionCode: uint8(r.Cond)})
+	}
+	z.Conditions = &c
+	return nil
 }
 
 func zoneModel(m uint8) string {
@@ -254,6 +321,15 @@ func printHumanInfo(w io.Writer, ji jsonInfo) {
 				"layout: " + z.layoutLong,
 				fmt.Sprintf("wp table offset: %d", z.WPTableOffset),
 				fmt.Sprintf("wp table size: %d", z.WPTableSize),
+			}
+			if c := z.Conditions; c != nil {
+				lines = append(lines, "zone conditions:",
+					fmt.Sprintf("    EMPTY: %d", c.Empty),
+					fmt.Sprintf("    IMP_OPEN: %d", c.ImpOpen),
+					fmt.Sprintf("    EXP_OPEN: %d", c.ExpOpen),
+					fmt.Sprintf("    CLOSED: %d", c.Closed),
+					fmt.Sprintf("    FULL: %d", c.Full),
+					fmt.Sprintf("    NOT_WP: %d", c.NotWP))
 			}
 			fmt.Fprintf(w, "    zoned:\n        %s\n", strings.Join(lines, "\n        "))
 		}

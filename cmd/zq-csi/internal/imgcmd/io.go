@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
+	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
 const ioUsage = `Usage: zq-csi img io [-r] [-f FMT] [-c COMMAND]... FILE
@@ -25,6 +26,13 @@ Run qemu-io style commands on an image. Each -c gives one command; without
   -f FMT      qcow2 or raw (detected when omitted)
   -c COMMAND  a command, e.g. -c 'write -P 0xab 0 64k'
 
+A zoned image is opened through the zone engine: writes must start at a
+zone's write pointer (else "write failed: Input/output error"), reads past
+it return zeros, and a discard of whole sequential zones resets them. The
+zone commands are qemu-io's: zrp OFFSET NR_ZONES, zo/zc/zf/zrs OFFSET LEN
+(zrs 0 SIZE resets all zones) and zap [-p] OFFSET LEN [LEN...]. All -c
+commands run on one open image, so open zones stay open between them.
+
 Numbers are decimal, hex (0x...) or have a K, M, G, T, P or E suffix.
 Run -c help for the list of commands.
 `
@@ -33,7 +41,7 @@ Run -c help for the list of commands.
 const maxRequest = (1<<31 - 1) >> 9 << 9
 
 // ioCommand is one entry of the qemu-io command table. New commands (the
-// zone commands zrp, zo, zc, zf, zrs, za) are added with registerIOCommand.
+// zone commands of zone.go) are added with registerIOCommand.
 type ioCommand struct {
 	name    string
 	aliases []string
@@ -78,6 +86,7 @@ func init() {
 // ioSession is an open image and the output streams of one "img io" run.
 type ioSession struct {
 	dev      device
+	zdev     *zoned.Device // the same image through the zone engine; nil if not zoned
 	file     string
 	readOnly bool
 	out      io.Writer
@@ -109,12 +118,12 @@ func runIO(e Env, args []string) int {
 		return usageFail(e, "io", "Expecting one image file name")
 	}
 	file := pos[0]
-	dev, _, err := openDevice(file, want, readOnly)
+	dev, zdev, err := openIODevice(file, want, readOnly)
 	if err != nil {
 		fmt.Fprintf(e.Stderr, "%s io: can't open device %s: %v\n", prog, file, err)
 		return 1
 	}
-	s := &ioSession{dev: dev, file: file, readOnly: readOnly, out: e.Stdout, errOut: e.Stderr}
+	s := &ioSession{dev: dev, zdev: zdev, file: file, readOnly: readOnly, out: e.Stdout, errOut: e.Stderr}
 	failed := false
 	if cmds != nil {
 		for _, c := range cmds {
@@ -338,7 +347,14 @@ func ioWrite(s *ioSession, opts []opt, args []string) error {
 			return s.failed("write", err)
 		}
 	} else {
-		buf := bytes.Repeat([]byte{pattern}, int(min(n, copyChunk)))
+		// A zoned device gets the request whole, as qemu-io hands it to the
+		// block layer: the engine accepts or refuses it all (a write off the
+		// write pointer or past the capacity writes nothing).
+		chunk := int64(copyChunk)
+		if s.zdev != nil {
+			chunk = max(n, 1)
+		}
+		buf := bytes.Repeat([]byte{pattern}, int(min(n, chunk)))
 		for done := int64(0); done < n; {
 			c := min(n-done, int64(len(buf)))
 			if _, err := s.dev.WriteAt(buf[:c], off+done); err != nil {
