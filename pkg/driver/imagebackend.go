@@ -21,7 +21,20 @@ var (
 	_ nbdattach.Backend       = (*slotBackend)(nil)
 	_ nbdattach.BlockStatuser = (*slotBackend)(nil)
 	_ nbdattach.MetaContexter = (*slotBackend)(nil)
+	_ nbdattach.Orderer       = (*slotBackend)(nil)
 )
+
+// OrderKey keeps the zone write order of the zoned device: writes to one
+// sequential zone that the kernel has in flight together are applied in
+// the order they were sent.
+func (b *slotBackend) OrderKey(off, length int64) (int64, bool) {
+	z, done, err := b.zb()
+	if err != nil {
+		return 0, false
+	}
+	defer done()
+	return z.OrderKey(off, length)
+}
 
 func (b *slotBackend) zb() (nbdattach.ZonedBackend, func(), error) {
 	b.s.gate.RLock()

@@ -37,6 +37,9 @@ func (b ImageBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
 	return n, b.Img.Flush()
 }
 
+// Close closes the image (the attacher closes a backend it is done with).
+func (b ImageBackend) Close() error { return b.Img.Close() }
+
 func (b ImageBackend) Flush() error                 { return b.Img.Flush() }
 func (b ImageBackend) Trim(off, length int64) error { return b.Img.Discard(off, length) }
 func (b ImageBackend) Size() int64                  { return int64(b.Img.Size()) }

@@ -75,6 +75,9 @@ func (b ZonedBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
 	return n, zoneErr(err)
 }
 
+// Close closes the device (the attacher closes a backend it is done with).
+func (b ZonedBackend) Close() error { return b.D.Close() }
+
 func (b ZonedBackend) Flush() error                 { return zoneErr(b.D.Flush()) }
 func (b ZonedBackend) Trim(off, length int64) error { return zoneErr(b.D.Trim(off, length)) }
 func (b ZonedBackend) Size() int64                  { return b.D.Size() }

@@ -1,53 +1,34 @@
 package nbdcmd
 
 import (
-	"fmt"
-	"math"
+	"io"
 
 	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
+	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
-// imageBackend serves a plain qcow2 image. It stands in for the zoned
-// device (pkg/zoned), which will take its place behind the same Backend
-// interface; *qcow2.Image is safe for concurrent use.
-type imageBackend struct {
-	im   *qcow2.Image
-	size int64
+// Backend is an image served to the kernel; Close closes the image.
+type Backend interface {
+	nbdattach.Backend
+	io.Closer
 }
 
-var _ nbdattach.Backend = (*imageBackend)(nil)
-
-// OpenImage opens a qcow2 image as an nbdattach.Backend; Close closes it.
-func OpenImage(path string, readOnly bool) (*imageBackend, error) {
+// OpenImage opens the image at path: a zoned image through its zone engine
+// (nbdattach.ZonedBackend: zone rules enforced, writes to a zone applied in
+// order), any other qcow2 image through nbdattach.ImageBackend.
+func OpenImage(path string, readOnly bool) (Backend, error) {
 	im, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: readOnly})
 	if err != nil {
 		return nil, err
 	}
-	if im.Size() > math.MaxInt64 {
-		im.Close()
-		return nil, fmt.Errorf("%s: size %d too large", path, im.Size())
+	if im.Info().Zoned == nil {
+		return nbdattach.ImageBackend{Img: im, RO: readOnly}, nil
 	}
-	return &imageBackend{im: im, size: int64(im.Size())}, nil
-}
-
-func (b *imageBackend) ReadAt(p []byte, off int64) (int, error) { return b.im.ReadAt(p, off) }
-
-func (b *imageBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
-	n, err := b.im.WriteAt(p, off)
-	if err == nil && fua {
-		err = b.im.Flush()
+	im.Close()
+	d, err := zoned.Open(path, zoned.OpenOptions{ReadOnly: readOnly})
+	if err != nil {
+		return nil, err
 	}
-	return n, err
+	return nbdattach.ZonedBackend{D: d}, nil
 }
-
-func (b *imageBackend) Flush() error                 { return b.im.Flush() }
-func (b *imageBackend) Trim(off, length int64) error { return b.im.Discard(off, length) }
-
-// WriteZeroes may deallocate unless the client asked for NO_HOLE.
-func (b *imageBackend) WriteZeroes(off, length int64, noHole bool) error {
-	return b.im.WriteZeroes(off, length, !noHole)
-}
-
-func (b *imageBackend) Size() int64  { return b.size }
-func (b *imageBackend) Close() error { return b.im.Close() }
