@@ -27,6 +27,7 @@ import (
 
 	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
+	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
 // requireKernel skips (loudly) where the kernel has no nbd, unless we run
@@ -70,31 +71,12 @@ func createImage(t *testing.T, path string, size uint64) {
 	}
 }
 
-// qcowBackend is the same small adapter as the CLI's, for in-process tests.
-type qcowBackend struct{ im *qcow2.Image }
-
-func (b qcowBackend) ReadAt(p []byte, off int64) (int, error) { return b.im.ReadAt(p, off) }
-func (b qcowBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
-	n, err := b.im.WriteAt(p, off)
-	if err == nil && fua {
-		err = b.im.Flush()
-	}
-	return n, err
-}
-func (b qcowBackend) Flush() error                 { return b.im.Flush() }
-func (b qcowBackend) Trim(off, length int64) error { return b.im.Discard(off, length) }
-func (b qcowBackend) WriteZeroes(off, length int64, noHole bool) error {
-	return b.im.WriteZeroes(off, length, !noHole)
-}
-func (b qcowBackend) Size() int64  { return int64(b.im.Size()) }
-func (b qcowBackend) Close() error { return b.im.Close() }
-
 func openBackend(path string) (nbdattach.Backend, error) {
 	im, err := qcow2.Open(path, qcow2.OpenOptions{})
 	if err != nil {
 		return nil, err
 	}
-	return qcowBackend{im}, nil
+	return nbdattach.ImageBackend{Img: im}, nil
 }
 
 func newAttacher(t *testing.T, state string) *nbdattach.NetlinkAttacher {
@@ -589,4 +571,92 @@ func TestAttachRefusesSecondServer(t *testing.T) {
 	if err := srv.wait(30 * time.Second); err != nil {
 		t.Errorf("server after detach: %v", err)
 	}
+}
+
+// TestZonedThroughKernel serves a zoned image on /dev/nbdX and drives it
+// with O_DIRECT I/O: writes at the write pointer succeed, a write elsewhere
+// fails with EIO and changes nothing, BLKDISCARD of a whole zone resets it.
+// The same off-WP write on a zoned null_blk device (a real host-managed
+// block device) must fail with the same errno.
+func TestZonedThroughKernel(t *testing.T) {
+	requireKernel(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	img := filepath.Join(dir, "z.qcow2")
+	zs, conv := uint64(4<<20), uint32(1)
+	if _, err := qcow2.Create(img, qcow2.CreateOptions{Size: 16 << 20, Zoned: &qcow2.ZonedOptions{ZoneSize: &zs, ConventionalZones: &conv}}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := zoned.Open(img, zoned.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newAttacher(t, filepath.Join(dir, "state"))
+	att, err := a.Attach(ctx, nbdattach.AttachRequest{VolumeID: "vol-zoned", ImagePath: img, Backend: nbdattach.ZonedBackend{D: d}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Detach(ctx, "vol-zoned")
+	f, err := os.OpenFile(att.DevicePath, os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := alignedBuf(t, 64<<10)
+	for i := range buf {
+		buf[i] = 0xa5
+	}
+	z2 := int64(2 * zs)
+	for k := int64(0); k < 4; k++ { // sequential writes at the WP
+		if _, err := f.WriteAt(buf, z2+k*int64(len(buf))); err != nil {
+			t.Fatalf("write at the write pointer (+%d): %v", k*int64(len(buf)), err)
+		}
+	}
+	_, err = f.WriteAt(buf, z2+1<<20) // past the WP
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write off the write pointer: %v, want EIO", err)
+	}
+	if r := d.Report(2, 1)[0]; r.WP != uint64(z2)+4*uint64(len(buf)) {
+		t.Fatalf("after a refused write the WP is %d", r.WP)
+	}
+	rd := alignedBuf(t, 64<<10)
+	if _, err := f.ReadAt(rd, z2+1<<20); err != nil || !bytes.Equal(rd, make([]byte, len(rd))) {
+		t.Fatalf("the refused write left data behind (err %v)", err)
+	}
+	// Conventional zone 0 takes random writes.
+	if _, err := f.WriteAt(buf, 1<<20); err != nil {
+		t.Fatalf("random write in the conventional zone: %v", err)
+	}
+	// BLKDISCARD of the whole zone = zone reset.
+	rng := [2]uint64{uint64(z2), zs}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.BLKDISCARD, uintptr(unsafe.Pointer(&rng))); errno != 0 {
+		t.Fatalf("BLKDISCARD of a zone: %v", errno)
+	}
+	if r := d.Report(2, 1)[0]; r.Cond != zoned.CondEmpty || r.WP != uint64(z2) {
+		t.Fatalf("discard of a whole zone did not reset it: %+v", r)
+	}
+	if _, err := f.WriteAt(buf, z2); err != nil {
+		t.Fatalf("write at the start of the reset zone: %v", err)
+	}
+	t.Logf("zoned %s: WP writes ok, off-WP write -> EIO, BLKDISCARD resets the zone", att.DevicePath)
+
+	// The same off-WP write on zoned null_blk.
+	if out, err := exec.Command("modprobe", "null_blk", "nr_devices=1", "zoned=1", "zone_size=4", "gb=1").CombinedOutput(); err != nil {
+		t.Logf("zoned null_blk unavailable (%v: %s): comparison skipped", err, out)
+		return
+	}
+	defer exec.Command("rmmod", "null_blk").Run()
+	nb, err := os.OpenFile("/dev/nullb0", os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nb.Close()
+	if _, err := nb.WriteAt(buf, 0); err != nil {
+		t.Fatalf("null_blk write at the WP: %v", err)
+	}
+	_, nerr := nb.WriteAt(buf, 1<<20)
+	if !errors.Is(nerr, syscall.EIO) {
+		t.Fatalf("null_blk off-WP write: %v; zq-csi gave EIO", nerr)
+	}
+	t.Logf("zoned null_blk: off-WP write -> %v, same as zq-csi", nerr)
 }
