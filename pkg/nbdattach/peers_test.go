@@ -395,6 +395,11 @@ expect_error("oversize read", errno.EINVAL, h.pread, 32 * MiB + 512, 0)
 expect_error("oversize write, payload drained", errno.EINVAL, h.pwrite, b"\xee" * (32 * MiB + 512), 0)
 expect_error("fast zero the backend cannot promise", errno.ENOTSUP, h.zero, 4096, 8192, nbd.CMD_FLAG_FAST_ZERO)
 
+# Zero-length requests: proto.md lets a server treat them as no-ops.
+assert h.pread(0, 4096) == b""
+h.pwrite(b"", 4096)
+print("ok zero-length read and write")
+
 h.zero(4096, 8192)
 h.cache(MiB, 0)
 h.trim(65536, 0)
@@ -450,8 +455,8 @@ func TestPeerNbdsh(t *testing.T) {
 	})
 	out := runPeer(t, py, "-c", nbdshScript, ps.uri("rw"), ps.uri("ro"), fmt.Sprint(size))
 	t.Logf("nbdsh:\n%s", out)
-	if n := strings.Count(out, "ok "); n != 12 {
-		t.Errorf("%d checks passed, want 12", n)
+	if n := strings.Count(out, "ok "); n != 13 {
+		t.Errorf("%d checks passed, want 13", n)
 	}
 }
 
