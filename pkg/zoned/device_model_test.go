@@ -194,9 +194,9 @@ func (m *refModel) reopen() {
 // the device and to refModel, and requires identical results: errno of
 // every command, append offsets, zone reports and every byte read.
 func TestDeviceAgainstReferenceModel(t *testing.T) {
-	seqs, ops := 40, 150
+	seqs, ops := 1000, 80 // 80,000 operations
 	if testing.Short() {
-		seqs = 8
+		seqs = 50
 	}
 	geoms := []struct {
 		nz, conv     uint32
@@ -208,9 +208,10 @@ func TestDeviceAgainstReferenceModel(t *testing.T) {
 		{10, 1, 32 << 10, 32 << 10, 3, 3},
 		{6, 0, 64 << 10, 40 << 10, 1, 2},
 	}
+	dir := memDir(t)
 	for s := 0; s < seqs; s++ {
 		gc := geoms[s%len(geoms)]
-		path := mkZoned(t, gc.nz, gc.conv, gc.zs, gc.zcap, gc.open, gc.active)
+		path := mkZonedIn(t, dir, gc.nz, gc.conv, gc.zs, gc.zcap, gc.open, gc.active)
 		d, err := Open(path, OpenOptions{})
 		if err != nil {
 			t.Fatal(err)

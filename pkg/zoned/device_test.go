@@ -23,7 +23,23 @@ func p32(v uint32) *uint32 { return &v }
 // mkZoned creates a zoned image: nz zones of zs bytes, conv conventional.
 func mkZoned(t testing.TB, nz, conv uint32, zs, zcap uint64, maxOpen, maxActive uint32) string {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "z.qcow2")
+	return mkZonedIn(t, t.TempDir(), nz, conv, zs, zcap, maxOpen, maxActive)
+}
+
+// memDir is a temporary directory on tmpfs when there is one: tests that
+// fsync thousands of times (and do not test durability) run there.
+func memDir(t testing.TB) string {
+	d, err := os.MkdirTemp("/dev/shm", "zq-zoned-test")
+	if err != nil {
+		return t.TempDir()
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+func mkZonedIn(t testing.TB, dir string, nz, conv uint32, zs, zcap uint64, maxOpen, maxActive uint32) string {
+	t.Helper()
+	path := filepath.Join(dir, fmt.Sprintf("z%d.qcow2", time.Now().UnixNano()))
 	_, err := qcow2.Create(path, qcow2.CreateOptions{Size: uint64(nz) * zs, ClusterSize: 4096, Zoned: &qcow2.ZonedOptions{
 		ZoneSize: p64(zs), ZoneCapacity: p64(zcap), ConventionalZones: p32(conv),
 		MaxOpenZones: p32(maxOpen), MaxActiveZones: p32(maxActive), MaxAppendBytes: p64(8192),
