@@ -41,9 +41,11 @@ CACHE=${ZQ_VM_CACHE:-/var/cache/zq-csi/vm}
 mkdir -p "$CACHE"
 t0=$(date +%s)
 
-# --- kernel: the package linux-image-amd64 depends on -----------------------
+# --- kernel: Debian 12's newest 6.x kernel (6.12 has nbd, zoned null_blk and
+# ublk with zoned support); else what linux-image-amd64 depends on (6.1) ----
 if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then apt-get update -qq; fi
-KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+KPKG=${ZQ_VM_KERNEL_PKG:-$(apt-cache search --names-only '^linux-image-6\.[0-9]+\.[0-9]+\+deb12-amd64$' 2>/dev/null | awk '{print $1}' | sort -V | tail -1)}
+[ -n "$KPKG" ] || KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
 [ -n "$KPKG" ] || skip_or_fail "apt has no linux-image-amd64 (run apt-get update)"
 KVER_PKG=$(apt-cache policy "$KPKG" | awk '/Candidate:/{print $2}')
 KDIR="$CACHE/$KPKG-$KVER_PKG"
