@@ -15,8 +15,21 @@
 // per-ID try-locks whose contention is Aborted) and a Backend carries the
 // decision out. The local backend (--mode all) keeps JSON records written
 // atomically under the state directory and images under the data
-// directory; the cluster backend of DESIGN.md point 7 is to keep records
-// in ZonedVolume resources and let node agents do the image work.
+// directory.
+//
+// The cluster backend (DESIGN.md point 7, --backend cluster) keeps the
+// records in custom resources (deploy/crds: ZonedVolume, ZonedSnapshot,
+// ZonedGroupSnapshot, ZonedNode; client-go's dynamic client, no generated
+// code). The controller writes a resource's spec — or deletes it — and
+// waits, within the request's deadline, for the NodeAgent of the volume's
+// node to make the image agree and say so in status; a deadline that
+// passes is DeadlineExceeded and the CO's retry finds the same resource.
+// The agent runs beside the node service over the same Images, watches the
+// resources labelled with its node, reports errors with their gRPC code
+// name (so the controller answers with the node's code), removes the
+// finalizer once a deleted resource's image is gone, and keeps its
+// ZonedNode's free capacity current for GetCapacity. An image that was
+// made and has since vanished is reported, never silently remade.
 //
 // Snapshots are copies of the image file (a reflink where the file system
 // has one, else a sparse copy), so write pointers travel with the data;

@@ -24,16 +24,15 @@ func (s *identityServer) GetPluginCapabilities(context.Context, *csi.GetPluginCa
 	svc := func(t csi.PluginCapability_Service_Type) *csi.PluginCapability {
 		return &csi.PluginCapability{Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{Type: t}}}
 	}
+	// A --mode node process is the node half of a plugin whose controller
+	// runs elsewhere (the cluster backend), so it reports the same.
 	caps := []*csi.PluginCapability{
 		svc(csi.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS),
 		{Type: &csi.PluginCapability_VolumeExpansion_{VolumeExpansion: &csi.PluginCapability_VolumeExpansion{
 			Type: csi.PluginCapability_VolumeExpansion_ONLINE}}},
-	}
-	if s.d.cfg.Mode != ModeNode {
-		caps = append(caps,
-			svc(csi.PluginCapability_Service_CONTROLLER_SERVICE),
-			svc(csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE),
-			svc(csi.PluginCapability_Service_SNAPSHOT_ACCESSIBILITY_CONSTRAINTS))
+		svc(csi.PluginCapability_Service_CONTROLLER_SERVICE),
+		svc(csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE),
+		svc(csi.PluginCapability_Service_SNAPSHOT_ACCESSIBILITY_CONSTRAINTS),
 	}
 	return &csi.GetPluginCapabilitiesResponse{Capabilities: caps}, nil
 }

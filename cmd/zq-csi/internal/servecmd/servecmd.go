@@ -14,6 +14,9 @@ import (
 	"strings"
 	"syscall"
 
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
 	"github.com/zq-csi/zq-csi/pkg/driver"
@@ -29,6 +32,7 @@ type Env struct {
 
 type options struct {
 	endpoint, mode, nodeID, dataDir, stateDir, driverName, attacher string
+	backend, kubeconfig                                             string
 	maxVolumes                                                      int64
 	verbosity                                                       string
 }
@@ -45,6 +49,8 @@ var envNames = map[string][]string{
 	"driver-name": {"ZQ_CSI_DRIVER_NAME"},
 	"attacher":    {"ZQ_CSI_ATTACHER"},
 	"max-volumes": {"ZQ_CSI_MAX_VOLUMES"},
+	"backend":     {"ZQ_CSI_BACKEND"},
+	"kubeconfig":  {"KUBECONFIG"},
 	"v":           {"ZQ_CSI_V"},
 }
 
@@ -72,6 +78,8 @@ func Main(args []string, env Env) int {
 	fs.StringVar(&o.driverName, "driver-name", driver.DefaultDriverName, "CSI driver name")
 	fs.StringVar(&o.attacher, "attacher", "nbd", "how staged volumes reach the kernel: nbd (netlink NBD), or file (a stand-in file for conformance runs on machines without nbd; data does not reach the image)")
 	fs.Int64Var(&o.maxVolumes, "max-volumes", 0, "volumes per node reported by NodeGetInfo (0: the attacher's device count)")
+	fs.StringVar(&o.backend, "backend", "local", "where the controller keeps records and how image work reaches nodes: local (one process, --mode all) or cluster (ZonedVolume resources in the API server; node agents in --mode node do the image work)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for --backend cluster (default: the in-cluster service account)")
 	fs.StringVar(&o.verbosity, "v", "0", "log verbosity (2: every CSI call, secrets stripped)")
 	fs.Usage = func() {
 		fmt.Fprint(env.Stderr, usage)
@@ -146,6 +154,20 @@ func run(ctx context.Context, o options, version string) error {
 		StateDir:          o.stateDir,
 		MaxVolumesPerNode: o.maxVolumes,
 	}
+	var kube dynamic.Interface
+	switch o.backend {
+	case "local":
+	case "cluster":
+		var err error
+		if kube, err = dynamicClient(o.kubeconfig); err != nil {
+			return err
+		}
+		if cfg.Mode != driver.ModeNode {
+			cfg.Backend = driver.NewClusterBackend(kube, driver.ClusterBackendOptions{})
+		}
+	default:
+		return fmt.Errorf("--backend=%s: must be local or cluster", o.backend)
+	}
 	if cfg.Mode != driver.ModeController {
 		att, err := newAttacher(o.attacher, filepath.Join(o.stateDir, "attach-"+o.attacher))
 		if err != nil {
@@ -160,7 +182,44 @@ func run(ctx context.Context, o options, version string) error {
 	if err != nil {
 		return err
 	}
-	return d.Run(ctx, o.endpoint)
+	if kube == nil || cfg.Mode == driver.ModeController {
+		return d.Run(ctx, o.endpoint)
+	}
+	// Cluster node: the CSI services and the node agent; either ending
+	// with an error stops the other.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	agentErr := make(chan error, 1)
+	go func() {
+		err := d.RunNodeAgent(ctx, kube, driver.NodeAgentConfig{})
+		if err != nil {
+			cancel()
+		}
+		agentErr <- err
+	}()
+	err = d.Run(ctx, o.endpoint)
+	cancel()
+	if aerr := <-agentErr; aerr != nil {
+		return fmt.Errorf("node agent: %w", aerr)
+	}
+	return err
+}
+
+// dynamicClient connects to the API server named by kubeconfig, or to the
+// one this pod runs under.
+func dynamicClient(kubeconfig string) (dynamic.Interface, error) {
+	var rc *rest.Config
+	var err error
+	if kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("--backend=cluster: API server config (--kubeconfig or in-cluster): %w", err)
+	}
+	rc.UserAgent = "zq-csi"
+	return dynamic.NewForConfig(rc)
 }
 
 func newAttacher(kind, stateDir string) (nbdattach.Attacher, error) {

@@ -23,3 +23,22 @@ func TestFlagsFromEnvironment(t *testing.T) {
 		t.Fatalf("exit %d, stderr %q", code, stderr.String())
 	}
 }
+
+func TestBackendFlag(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--backend", "ufo"}, "--backend=ufo: must be local or cluster"},
+		// No kubeconfig and not in a pod: the error says where the config comes from.
+		{[]string{"--backend", "cluster", "--mode", "controller"}, "--backend=cluster: API server config (--kubeconfig or in-cluster)"},
+		{[]string{"--backend", "cluster", "--mode", "controller", "--kubeconfig", "/nonexistent/kubeconfig"}, "/nonexistent/kubeconfig"},
+	} {
+		var stderr bytes.Buffer
+		args := append([]string{"--data-dir", t.TempDir(), "--node-id", "n1", "--attacher", "file"}, tc.args...)
+		code := Main(args, Env{Stdout: &stderr, Stderr: &stderr, Getenv: func(string) string { return "" }})
+		if code != 1 || !strings.Contains(stderr.String(), tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit 1 and %q", tc.args, code, stderr.String(), tc.want)
+		}
+	}
+}
