@@ -3,7 +3,8 @@
 # initramfs of busybox, the kernel's block modules and our static test
 # binaries, runs the kernel tests of test/vm there, and reports through
 # marker lines on the serial console. Needs only Debian packages:
-#   qemu-system-x86 busybox-static (qemu-utils for the qemu-nbd comparison)
+#   qemu-system-x86 busybox-static (qemu-utils for the qemu-nbd comparison;
+#   fio, util-linux's blkzone and btrfs-progs for the ublk zone checks)
 # The kernel package is fetched with apt-get download and cached outside
 # the work tree, keyed by its version.
 #
@@ -69,6 +70,21 @@ if [ ! -f "$KDIR/.complete" ]; then
 fi
 KREL=$(cat "$KDIR/release")
 say "kernel $KREL ($KPKG $KVER_PKG) from $KDIR"
+# btrfs and its dependencies for the zoned file system check on ublk,
+# added to a cache made before they were needed; optional.
+fetch_btrfs() {
+  local T; T=$(mktemp -d)
+  (cd "$T" && apt-get download "$KPKG" >/dev/null 2>&1 && dpkg-deb -x ./*.deb x) || { rm -rf "$T"; return 1; }
+  (cd "$T/x/lib/modules/$KREL" && for m in fs/btrfs/btrfs crypto/xor lib/raid6/raid6_pq lib/libcrc32c crypto/crc32c_generic arch/x86/crypto/crc32c-intel; do
+     for f in kernel/$m.ko*; do if [ -f "$f" ]; then cp --parents "$f" "$KDIR/modules/$KREL/"; fi; done
+   done)
+  rm -rf "$T"
+  find "$KDIR/modules" -name '*.ko.xz' -exec xz -d {} + ; find "$KDIR/modules" -name '*.ko.zst' -exec zstd -q -d --rm {} +
+  ls "$KDIR/modules/$KREL/kernel/fs/btrfs/btrfs.ko" >/dev/null 2>&1
+}
+if [ ! -f "$KDIR/.btrfs" ]; then
+  if fetch_btrfs; then touch "$KDIR/.btrfs"; else say "btrfs module unavailable: the zoned file system check will be skipped"; fi
+fi
 
 # --- initramfs ---------------------------------------------------------------
 W=$(mktemp -d /tmp/zq-vm.XXXXXX)
@@ -91,6 +107,19 @@ if command -v qemu-nbd >/dev/null; then
 else
   say "qemu-nbd not installed (apt-get install qemu-utils): the throughput comparison will be skipped"
 fi
+# blkzone and fio (zonemode=zbd) for the ublk tests, with their libraries;
+# the tests skip what is missing.
+for tool in blkzone fio mkfs.btrfs; do
+  if T=$(command -v $tool); then
+    mkdir -p "$R/usr/bin"; cp "$T" "$R/usr/bin/$tool"
+    ldd "$T" | awk '$1 ~ /^\// {print $1} /=>/ {print $3}' | while read -r lib; do
+      if [ -f "$lib" ] && [ ! -e "$R$lib" ]; then mkdir -p "$R$(dirname "$lib")"; cp -L "$lib" "$R$lib"; fi
+    done
+  else
+    case $tool in blkzone) p=util-linux ;; mkfs.btrfs) p=btrfs-progs ;; *) p=$tool ;; esac
+    say "$tool not installed (apt-get install $p): its ublk checks will be skipped"
+  fi
+done
 cp test/vm/init.sh "$R/init"; chmod +x "$R/init"
 cat > "$R/zq/env" <<EOF
 ZQ_VM_MIB=${ZQ_VM_MIB:-64}

@@ -1,0 +1,387 @@
+//go:build linux
+
+package ublk
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/zq-csi/zq-csi/pkg/zoned"
+)
+
+// Options configure a device.
+type Options struct {
+	QueueDepth int    // tags of the single queue; default 64
+	MaxIOBytes int    // largest request (max_io_buf_bytes); default 512 KiB
+	DevID      uint32 // with FixedID: the device number to create
+	FixedID    bool   // false: the kernel chooses the number
+	Flags      uint64 // extra UBLK_F_* (e.g. FlagUserRecovery)
+	// Tag is stored by the kernel with the device (ublksrv_flags, which
+	// it never interprets) and returned by GET_DEV_INFO: the attacher keeps
+	// a hash of the volume id there, so a device is never recovered onto
+	// another volume's image.
+	Tag uint64
+	// OnError receives errors of the serving loop (nil: dropped).
+	OnError func(error)
+}
+
+func (o *Options) defaults() {
+	if o.QueueDepth <= 0 {
+		o.QueueDepth = 64
+	}
+	if o.MaxIOBytes <= 0 {
+		o.MaxIOBytes = 512 << 10
+	}
+}
+
+// Device is a served ublk device: /dev/ublkcN (ours) and /dev/ublkbN (the
+// kernel's host-managed zoned block device).
+type Device struct {
+	ID     uint32
+	Info   DevInfo // as negotiated by ADD_DEV
+	Params Params
+
+	ctrl    *Control
+	char    *os.File
+	h       *handler
+	depth   int
+	onError func(error)
+
+	stopping  atomic.Bool
+	abandoned atomic.Bool
+	done      chan error
+	stopOnce  sync.Once
+	stopErr   error
+}
+
+// ParamsFor returns the ublk parameters presenting g as a host-managed
+// zoned device: 512-byte logical blocks, 4 KiB physical, zone size as
+// chunk_sectors, the zone limits of the image, a volatile write cache
+// with FUA (so the kernel sends FLUSH and FUA, which the durability
+// contract needs). Only whole zones are exposed.
+func ParamsFor(g zoned.Geometry, maxIO int) Params {
+	zs := uint32(g.ZoneSize / zoned.SectorSize)
+	nz := uint32(g.Size / g.ZoneSize)
+	maxSectors := uint32(maxIO / zoned.SectorSize)
+	app := g.MaxAppendBytes / zoned.SectorSize
+	if app == 0 || app > maxSectors {
+		// The kernel refuses max_zone_append_sectors = 0; an image with
+		// zone append disabled gets EIO for every append from the engine.
+		app = min(maxSectors, zs)
+	}
+	app = min(app, zs)
+	return Params{
+		Types:          paramTypeBasic | paramTypeZoned,
+		Attrs:          attrVolatileCache | attrFUA,
+		LogicalBSShift: 9, PhysicalBSShift: 12, IOOptShift: 12, IOMinShift: 9,
+		MaxSectors: maxSectors, ChunkSectors: zs, DevSectors: uint64(nz) * uint64(zs),
+		MaxOpenZones: min(g.MaxOpen, nz), MaxActiveZones: min(g.MaxActive, nz), MaxZoneAppendSectors: app,
+	}
+}
+
+// Start creates and starts a ublk device serving b. It returns when
+// /dev/ublkbN exists.
+func Start(b Backend, o Options) (_ *Device, err error) {
+	o.defaults()
+	h, err := newHandler(b, o.MaxIOBytes)
+	if err != nil {
+		return nil, err
+	}
+	ctrl, err := OpenControl()
+	if err != nil {
+		return nil, err
+	}
+	id := anyDev
+	if o.FixedID {
+		id = o.DevID
+	}
+	info, err := ctrl.AddDev(DevInfo{
+		NrHWQueues: 1, QueueDepth: uint16(o.QueueDepth), MaxIOBufBytes: uint32(o.MaxIOBytes), DevID: id,
+		Flags: FlagUserCopy | FlagZoned | FlagCmdIoctlEncode | o.Flags, ServerFlags: o.Tag,
+	})
+	if err != nil {
+		ctrl.Close()
+		return nil, err
+	}
+	d := &Device{ID: info.DevID, Info: info, ctrl: ctrl, h: h, depth: int(info.QueueDepth), onError: o.OnError, done: make(chan error, 1)}
+	defer func() {
+		if err != nil {
+			d.teardown()
+		}
+	}()
+	if info.Flags&FlagZoned == 0 || info.Flags&FlagUserCopy == 0 {
+		return nil, fmt.Errorf("ublk: the kernel did not grant zoned user-copy devices (flags %#x): Linux >= 6.6 with CONFIG_BLK_DEV_ZONED", info.Flags)
+	}
+	h.replayOK = info.Flags&FlagUserRecoveryReissue != 0
+	d.Params = ParamsFor(h.g, int(info.MaxIOBufBytes))
+	if err := ctrl.SetParams(d.ID, d.Params); err != nil {
+		return nil, err
+	}
+	if d.char, err = openWait(d.CharPath(), 5*time.Second); err != nil {
+		return nil, err
+	}
+	ready := make(chan error, 1)
+	go d.serve(ready)
+	if err := <-ready; err != nil {
+		return nil, err
+	}
+	if err := ctrl.StartDev(d.ID, os.Getpid()); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// Recover takes over device id, whose previous server died, with a new
+// server for b (UBLK_F_USER_RECOVERY): START_USER_RECOVERY (retried while
+// the kernel still releases the dead server's /dev/ublkcN), fetch every
+// tag, END_USER_RECOVERY. I/O queued in the meantime, and with
+// FlagUserRecoveryReissue the requests the dead server held, are then
+// served by b. The device's geometry must be b's.
+func Recover(id uint32, b Backend, o Options) (_ *Device, err error) {
+	o.defaults()
+	h, err := newHandler(b, o.MaxIOBytes)
+	if err != nil {
+		return nil, err
+	}
+	ctrl, err := OpenControl()
+	if err != nil {
+		return nil, err
+	}
+	info, err := ctrl.GetDevInfo(id)
+	if err != nil {
+		ctrl.Close()
+		return nil, err
+	}
+	params, err := ctrl.GetParams(id)
+	if err != nil {
+		ctrl.Close()
+		return nil, err
+	}
+	want := ParamsFor(h.g, int(info.MaxIOBufBytes))
+	if info.Flags&FlagUserRecovery == 0 || params.ChunkSectors != want.ChunkSectors || params.DevSectors != want.DevSectors {
+		ctrl.Close()
+		return nil, fmt.Errorf("ublk: device %d (flags %#x, %d sectors in zones of %d) cannot be recovered with this backend (%d sectors in zones of %d)",
+			id, info.Flags, params.DevSectors, params.ChunkSectors, want.DevSectors, want.ChunkSectors)
+	}
+	if h, err = newHandler(b, int(info.MaxIOBufBytes)); err != nil {
+		ctrl.Close()
+		return nil, err
+	}
+	h.replayOK = info.Flags&FlagUserRecoveryReissue != 0
+	d := &Device{ID: id, Info: info, Params: params, ctrl: ctrl, h: h, depth: int(info.QueueDepth), onError: o.OnError, done: make(chan error, 1)}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err = ctrl.StartUserRecovery(id)
+		if err == nil || !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		ctrl.Close()
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			d.stopping.Store(true)
+			if d.char != nil {
+				<-d.done
+				d.char.Close()
+			}
+			ctrl.Close()
+		}
+	}()
+	if d.char, err = openWait(d.CharPath(), 5*time.Second); err != nil {
+		return nil, err
+	}
+	ready := make(chan error, 1)
+	go d.serve(ready)
+	if err := <-ready; err != nil {
+		return nil, err
+	}
+	if err := ctrl.EndUserRecovery(id, os.Getpid()); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// openWait opens a device node devtmpfs creates asynchronously to us.
+func openWait(path string, d time.Duration) (*os.File, error) {
+	deadline := time.Now().Add(d)
+	for {
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err == nil || !errors.Is(err, os.ErrNotExist) || time.Now().After(deadline) {
+			return f, err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// CharPath is /dev/ublkcN.
+func (d *Device) CharPath() string { return fmt.Sprintf("/dev/ublkc%d", d.ID) }
+
+// BlockPath is /dev/ublkbN.
+func (d *Device) BlockPath() string { return fmt.Sprintf("/dev/ublkb%d", d.ID) }
+
+// Counts returns the requests served so far.
+func (d *Device) Counts() Counts { return d.h.snapshot() }
+
+// State returns the kernel's view of the device.
+func (d *Device) State() (DevInfo, error) { return d.ctrl.GetDevInfo(d.ID) }
+
+// Stop removes the block device (serving its last I/O), ends the queue and
+// deletes the device.
+func (d *Device) Stop() error {
+	d.stopOnce.Do(func() {
+		err := d.ctrl.StopDev(d.ID)
+		d.stopErr = errors.Join(err, d.teardown())
+	})
+	return d.stopErr
+}
+
+// Abandon stops serving without stopping the device, as if this process
+// had died: with FlagUserRecovery the kernel keeps /dev/ublkbN and queues
+// its I/O until Recover in this or another process takes it over.
+func (d *Device) Abandon() error {
+	var err error
+	d.stopOnce.Do(func() {
+		d.abandoned.Store(true)
+		d.stopping.Store(true)
+		err = <-d.done
+		err = errors.Join(err, d.char.Close(), d.ctrl.Close())
+		d.stopErr = errors.New("ublk: device abandoned")
+	})
+	return err
+}
+
+// teardown ends the queue loop (giving the kernel's aborts a moment to
+// arrive), releases the char device and deletes the device.
+func (d *Device) teardown() error {
+	var errs []error
+	d.stopping.Store(true)
+	if d.char != nil {
+		select {
+		case err := <-d.done:
+			errs = append(errs, err)
+		case <-time.After(30 * time.Second):
+			errs = append(errs, errors.New("ublk: queue loop did not end"))
+		}
+		errs = append(errs, d.char.Close())
+	}
+	// DEL_DEV waits until every opener of /dev/ublkbN has closed it; a
+	// process still holding it must not hang the detach.
+	err := d.ctrl.DelDevAsync(d.ID)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
+		err = d.ctrl.DelDev(d.ID)
+	}
+	errs = append(errs, err, d.ctrl.Close())
+	return errors.Join(errs...)
+}
+
+func (d *Device) report(err error) {
+	if d.onError != nil && err != nil {
+		d.onError(err)
+	}
+}
+
+// userCopy moves request payloads through /dev/ublkcN.
+type userCopy struct {
+	fd  int
+	tag uint16
+}
+
+func (u userCopy) readIn(p []byte, off int64) (int, error) {
+	return unix.Pread(u.fd, p, userCopyPos(0, u.tag, off))
+}
+
+func (u userCopy) writeOut(p []byte, off int64) (int, error) {
+	return unix.Pwrite(u.fd, p, userCopyPos(0, u.tag, off))
+}
+
+// serve is the queue: one locked OS thread, since the driver binds every
+// tag to the task that fetched it, with its own ring. Requests are served
+// one at a time in arrival order; the block layer already keeps at most
+// one write per sequential zone in flight (zone write plugging).
+func (d *Device) serve(ready chan<- error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	err := d.loop(ready)
+	d.done <- err
+}
+
+func (d *Device) loop(ready chan<- error) (err error) {
+	fd := int(d.char.Fd())
+	ring, err := NewRing(uint32(d.depth), SetupSQE128)
+	if err != nil {
+		ready <- err
+		return err
+	}
+	defer ring.Close()
+	// Queue q's descriptors live at q * (the size for UBLK_MAX_QUEUE_DEPTH).
+	descs, err := unix.Mmap(fd, 0, cmdBufSize(d.depth, os.Getpagesize()), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		err = fmt.Errorf("ublk: mmap %s: %w", d.CharPath(), err)
+		ready <- err
+		return err
+	}
+	defer unix.Munmap(descs)
+	push := func(op uint32, c ioCmd) {
+		sqe := SQE{Opcode: OpURingCmd, Fd: int32(fd), Off: uint64(op), UserData: uint64(c.Tag)}
+		c.encode(sqe.Cmd[:])
+		if err := ring.Push(&sqe); err != nil {
+			// Cannot happen: one SQE per completion, ring sized to the depth.
+			d.report(fmt.Errorf("ublk: tag %d: %w", c.Tag, err))
+		}
+	}
+	for tag := range d.depth {
+		push(ioFetchReq, ioCmd{Tag: uint16(tag)})
+	}
+	if _, err := ring.Submit(0); err != nil {
+		ready <- err
+		return err
+	}
+	ready <- nil
+	live := d.depth
+	var stopAt time.Time
+	for live > 0 {
+		if _, err := ring.SubmitAndWait(1, 200*time.Millisecond); err != nil && !errors.Is(err, ErrTimeout) {
+			return err
+		}
+		ring.Reap(func(c CQE) {
+			tag := uint16(c.UserData)
+			switch {
+			case c.Res == ioResAbort:
+				live-- // the device is going away: no more requests on this tag
+				return
+			case c.Res < 0:
+				live--
+				d.report(fmt.Errorf("ublk: tag %d: fetch/commit refused: %w", tag, c.Err()))
+				return
+			}
+			desc := decodeIODesc(descs[int(tag)*ioDescSize:])
+			res, lba := d.h.handle(desc, userCopy{fd: fd, tag: tag})
+			push(ioCommitAndFetchReq, ioCmd{Tag: tag, Result: res, Addr: lba})
+		})
+		if d.abandoned.Load() {
+			return nil // closing the ring cancels the fetches
+		}
+		if d.stopping.Load() {
+			// After STOP_DEV every pending fetch completes with ABORT; if
+			// START_DEV never ran, nothing will: closing the ring cancels
+			// them.
+			if stopAt.IsZero() {
+				stopAt = time.Now()
+			} else if time.Since(stopAt) > 2*time.Second {
+				return nil
+			}
+		}
+	}
+	return nil
+}
