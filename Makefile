@@ -7,7 +7,7 @@ PKGS  := ./...
 .PHONY: help build test test-unit test-interop verify bench demo fuzz clean
 
 help: ## list targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 build: ## build bin/zq-csi
 	$(GO) build -o $(BIN) ./cmd/zq-csi

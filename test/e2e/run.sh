@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# make e2e: a real one-node Kubernetes cluster on this machine
+# (scripts/e2e/cluster.sh), the chart installed with helm, the tests below,
+# and everything torn down again. Prints each test and the time of each
+# phase (build, up, tests, down); builds are cached outside the work tree
+# (scripts/e2e/versions.sh), so a second run only rebuilds zq-csi.
+#
+# This machine has no nbd module, so the node plugin runs with the `file`
+# attacher, which puts a regular file where the device would be: pods cannot
+# start with it (the runtime wants a device node). What needs a data path —
+# a pod seeing the device, zone rules inside the pod, persistence, snapshot
+# data — waits for the FUSE + loop attacher (issue 7) and is reported as
+# skipped with that reason.
+#
+# Environment: ZQ_E2E_KEEP=1 leaves the cluster up after the tests
+# (tear down with scripts/e2e/cluster.sh down); ZQ_E2E_BACKEND=local runs
+# the chart with the local backend instead of the default cluster backend.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+export PATH=/usr/local/go/bin:$PATH
+. scripts/e2e/versions.sh
+start=$(date +%s); last=$start
+declare -a phase_times=()
+phase() {
+  local now; now=$(date +%s)
+  [ -n "${cur_phase:-}" ] && phase_times+=("$(printf '%-8s %5ds' "$cur_phase" $((now - last)))")
+  cur_phase=$1; last=$now
+  printf '\n=== [e2e %4ds] %s\n' $((now - start)) "$*"
+}
+
+phase build "binaries (cached in $ZQ_CACHE), images"
+bash scripts/e2e/build-tools.sh etcd node helm
+bash scripts/e2e/build-k8s.sh kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet
+export ZQ_E2E_IMAGES=$ZQ_CACHE/images
+bash scripts/e2e/build-images.sh "$ZQ_E2E_IMAGES"
+helm=$ZQ_CACHE/tools/helm-$HELM_VERSION/helm
+
+phase up "one-node cluster"
+. scripts/e2e/cluster.sh
+down_done=0
+teardown() {
+  [ "$down_done" = 1 ] && return
+  down_done=1
+  if [ "${ZQ_E2E_KEEP:-0}" = 1 ]; then echo "ZQ_E2E_KEEP=1: cluster left up"; return; fi
+  phase down "uninstall, stop, clean up"
+  if [ -f "$E2E_DIR/kubelet.pid" ]; then
+    kubectl delete pod,pvc,volumesnapshot -n e2e --all --wait=true --timeout=90s >/dev/null 2>&1 || true
+    "$helm" uninstall zq-csi -n kube-system --wait --timeout 90s >/dev/null 2>&1 || true
+  fi
+  cluster_down
+  local left; left=$(cluster_leftovers)
+  if [ -n "$left" ]; then echo "LEFT BEHIND:"; echo "$left"; leftover=1; else echo "nothing left behind"; fi
+}
+leftover=0
+trap 'teardown' EXIT
+cluster_up
+kubectl get nodes -o wide
+
+phase tests "install the chart, run the tests"
+passed=0 failed=0 skipped=0
+declare -a results=()
+pass() { passed=$((passed + 1)); results+=("PASS  $1"); echo "--- PASS: $1"; }
+fail() { failed=$((failed + 1)); results+=("FAIL  $1: $2"); echo "--- FAIL: $1: $2"; }
+skip() { skipped=$((skipped + 1)); results+=("SKIP  $1: $2"); echo "--- SKIP: $1: $2"; }
+testlog=$(mktemp)
+run_test() { # name function: the function runs in a background subshell so
+  # that set -e applies inside it (it would not in an `if` condition).
+  echo "=== RUN   $1"
+  "$2" > "$testlog" 2>&1 &
+  if wait $!; then
+    pass "$1"; sed 's/^/    /' "$testlog"
+  else
+    sed 's/^/    /' "$testlog"; fail "$1" "$(tail -3 "$testlog" | tr '\n' ' ')"
+  fi
+}
+DRIVER=zq-csi.zq-csi.io
+SC=zq-csi-zoned
+MiB=$((1 << 20))
+
+t_install() {
+  "$helm" install zq-csi charts/zq-csi -n kube-system -f test/e2e/values-e2e.yaml \
+    --set kubeletDir="$E2E_DIR/kubelet" --set dataDir="$E2E_DIR/data" --set stateDir="$E2E_DIR/data/state" \
+    --set kubernetesServicePort="${ZQ_API_PORT:-26443}" --set backend="${ZQ_E2E_BACKEND:-cluster}" \
+    --wait --timeout 180s
+  kubectl -n kube-system get pods -o wide
+}
+run_test "helm install (controller Deployment and node DaemonSet ready)" t_install || true
+if [ "$failed" -gt 0 ]; then
+  kubectl -n kube-system get pods -o wide || true
+  kubectl -n kube-system describe pods 2>&1 | tail -40 || true
+  for p in $(kubectl -n kube-system get pods -o name 2>/dev/null); do kubectl -n kube-system logs --all-containers "$p" 2>&1 | tail -20; done
+fi
+
+t_registered() {
+  wait_for 60 "CSINode lists $DRIVER" bash -c "'$BIN/kubectl' get csinode $NODE_NAME -o jsonpath='{.spec.drivers[*].name}' | grep -qw $DRIVER"
+  local keys; keys=$(kubectl get csinode "$NODE_NAME" -o jsonpath="{.spec.drivers[?(@.name=='$DRIVER')].topologyKeys}")
+  echo "CSINode $NODE_NAME: $DRIVER topologyKeys=$keys"
+  [[ $keys == *topology.zq-csi/node* ]]
+  [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.metadata.labels.topology\.zq-csi/node}')" = "$NODE_NAME" ]
+}
+run_test "node plugin registered with the kubelet (CSINode, topology label)" t_registered
+
+t_capacity() {
+  wait_for 90 "CSIStorageCapacity for $SC" bash -c "'$BIN/kubectl' -n kube-system get csistoragecapacities -o jsonpath='{.items[?(@.storageClassName==\"$SC\")].capacity}' | grep -q ."
+  kubectl -n kube-system get csistoragecapacities -o custom-columns=SC:.storageClassName,NODE:.nodeTopology.matchLabels,CAPACITY:.capacity
+}
+run_test "CSIStorageCapacity published for the node" t_capacity
+
+kubectl create namespace e2e >/dev/null
+kubectl -n e2e wait --for=jsonpath='{.metadata.name}'=default serviceaccount/default --timeout=60s >/dev/null 2>&1 || true
+pvc() { # name size [storageclass]
+  kubectl -n e2e apply -f - >/dev/null <<Y
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $1}
+spec:
+  storageClassName: ${3:-$SC}
+  volumeMode: Block
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: $2}}
+Y
+}
+pod() { # name pvc
+  kubectl -n e2e apply -f - >/dev/null <<Y
+apiVersion: v1
+kind: Pod
+metadata: {name: $1}
+spec:
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: docker.io/zq-csi/e2e-tools:e2e
+    imagePullPolicy: Never
+    command: [sh, -c, 'blockdev --getsize64 /dev/zq0; sleep 3600']
+    volumeDevices: [{name: v, devicePath: /dev/zq0}]
+  volumes: [{name: v, persistentVolumeClaim: {claimName: $2}}]
+Y
+}
+
+# delete_pod NAME PV: deletes a pod that uses PV and waits until it is gone.
+# File attacher only: the kubelet's unmap takes a bind mount for one only
+# when the published path is a device node (IsDeviceBindMountExist), so it
+# would try to remove the still-mounted regular file (EBUSY) forever. The
+# harness unmounts that bind mount for it; with nbd or loop devices the
+# kubelet does it itself.
+delete_pod() {
+  local i m
+  kubectl -n e2e delete pod "$1" --wait=false >/dev/null
+  for i in $(seq 1 90); do
+    "$BIN/kubectl" -n e2e get pod "$1" >/dev/null 2>&1 || return 0
+    for m in $(awk -v d="$E2E_DIR/kubelet/plugins/kubernetes.io/csi/volumeDevices/$2/dev/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo); do
+      [ -f "$m" ] && umount "$m" && echo "harness: unmounted the kubelet's bind mount of the stand-in file $m"
+    done
+    sleep 1
+  done
+  echo "pod $1 still there after 90s"; return 1
+}
+
+t_wffc() {
+  pvc data 512Mi
+  sleep 3
+  [ "$(kubectl -n e2e get pvc data -o jsonpath='{.status.phase}')" = Pending ]
+  kubectl -n e2e get events --field-selector involvedObject.name=data -o jsonpath='{.items[*].reason}' | grep -q WaitForFirstConsumer
+  echo "PVC data Pending, waiting for its first consumer"
+}
+run_test "PVC with the zoned StorageClass waits for its first consumer" t_wffc
+
+t_bind() {
+  pod user data
+  wait_for 90 "PVC data Bound" bash -c "[ \"\$('$BIN/kubectl' -n e2e get pvc data -o jsonpath='{.status.phase}')\" = Bound ]"
+  local pv; pv=$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')
+  kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeAttributes}'; echo
+  want() { local got; got=$(kubectl get pv "$pv" -o jsonpath="{.spec.csi.volumeAttributes.zone\.$1}"); [ "$got" = "$2" ] || { echo "zone.$1=$got, want $2"; return 1; }; }
+  want size $((64 * MiB)); want capacity $((64 * MiB)); want nr_zones 8; want max_open_zones 6
+  want max_active_zones 8; want max_append_bytes 4096; want conventional_zones 0
+  [ "$(kubectl get pv "$pv" -o jsonpath='{.spec.capacity.storage}')" = 512Mi ]
+  kubectl get pv "$pv" -o jsonpath='{.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0]}' | grep -q "topology.zq-csi/node"
+  kubectl get pv "$pv" -o jsonpath='{.spec.nodeAffinity}'; echo
+  [ -f "$E2E_DIR/data/volumes/$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}').qcow2" ]
+  echo "image $E2E_DIR/data/volumes/$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}').qcow2"
+}
+run_test "PVC binds when a pod uses it; the PV shows the zone geometry and the node" t_bind
+
+t_zonedvolume() {
+  local h; h=$(kubectl get pv "$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')
+  kubectl get zonedvolumes -o wide
+  [ "$(kubectl get zonedvolume "$h" -o jsonpath='{.spec.node}')" = "$NODE_NAME" ]
+  [ "$(kubectl get zonedvolume "$h" -o jsonpath='{.spec.zone.count}')" = 8 ]
+  kubectl get zonednodes
+}
+if [ "${ZQ_E2E_BACKEND:-cluster}" = cluster ]; then
+  run_test "kubectl get zonedvolumes shows the volume's node, size and zones (cluster backend)" t_zonedvolume
+else
+  skip "kubectl get zonedvolumes" "backend=local: no custom resources"
+fi
+
+t_staged() {
+  local pv; pv=$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')
+  local uid; uid=$(kubectl -n e2e get pod user -o jsonpath='{.metadata.uid}')
+  local pub="$E2E_DIR/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/$pv/$uid"
+  wait_for 90 "the kubelet to publish $pv" test -e "$pub"
+  local size; size=$(stat -L -c %s "$pub")
+  echo "published at $pub: $size bytes"
+  [ "$size" = $((512 * MiB)) ]
+  # What the runtime says of the file attacher's stand-in (see the skip below).
+  local ev=""
+  for i in $(seq 1 20); do
+    ev=$("$BIN/kubectl" -n e2e get events --field-selector involvedObject.name=user,reason=Failed -o jsonpath='{.items[*].message}' 2>/dev/null || true)
+    [ -n "$ev" ] && break; sleep 1
+  done
+  echo "the pod: ${ev:-(no Failed event yet)}"
+}
+run_test "the kubelet stages and publishes the volume through the node plugin (size 512Mi)" t_staged
+
+skip "pod sees a block device of the right size" "the file attacher publishes a regular file, which the runtime refuses as a device; needs the FUSE+loop attacher (issue 7)"
+skip "write at the write pointer / EIO elsewhere / blkdiscard resets a zone (in a pod)" "needs a data-carrying attacher (nbd, or FUSE+loop)"
+skip "data persists across pod re-creation" "needs a data-carrying attacher"
+t_snapshot() {
+  kubectl -n e2e apply -f - >/dev/null <<Y
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: snap}
+spec:
+  volumeSnapshotClassName: zq-csi-snapclass
+  source: {persistentVolumeClaimName: data}
+Y
+  wait_for 90 "VolumeSnapshot snap ready" bash -c "[ \"\$('$BIN/kubectl' -n e2e get volumesnapshot snap -o jsonpath='{.status.readyToUse}')\" = true ]"
+  kubectl -n e2e get volumesnapshot snap
+  kubectl -n e2e apply -f - >/dev/null <<Y
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: restored}
+spec:
+  storageClassName: $SC
+  volumeMode: Block
+  accessModes: [ReadWriteOnce]
+  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap}
+  resources: {requests: {storage: 512Mi}}
+Y
+  pod user2 restored
+  wait_for 90 "PVC restored Bound" bash -c "[ \"\$('$BIN/kubectl' -n e2e get pvc restored -o jsonpath='{.status.phase}')\" = Bound ]"
+  local pv; pv=$(kubectl -n e2e get pvc restored -o jsonpath='{.spec.volumeName}')
+  [ "$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeAttributes.zone\.nr_zones}')" = 8 ]
+  echo "restored into $pv ($(kubectl get pv "$pv" -o jsonpath='{.spec.capacity.storage}'), 8 zones)"
+  delete_pod user2 "$pv"
+  kubectl -n e2e delete pvc restored --wait=true --timeout=60s >/dev/null
+  kubectl -n e2e delete volumesnapshot snap --wait=true --timeout=60s >/dev/null
+  wait_for 60 "snapshot image deleted" bash -c "[ -z \"\$(ls '$E2E_DIR/data/snapshots' 2>/dev/null)\" ]"
+}
+run_test "VolumeSnapshot is ready; restoring it to a new PVC binds (controller side)" t_snapshot
+skip "restore has the same data and write pointers" "needs a data-carrying attacher to write and read them"
+skip "helm test" "its pod needs a block device (data-carrying attacher)"
+
+t_expand() {
+  local pv; pv=$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')
+  kubectl -n e2e patch pvc data --type merge -p '{"spec":{"resources":{"requests":{"storage":"576Mi"}}}}' >/dev/null
+  wait_for 90 "PV $pv at 576Mi" bash -c "[ \"\$('$BIN/kubectl' get pv $pv -o jsonpath='{.spec.capacity.storage}')\" = 576Mi ]"
+  echo "PV $pv capacity $(kubectl get pv "$pv" -o jsonpath='{.spec.capacity.storage}')"
+}
+run_test "PVC expansion grows the volume by whole zones (controller side)" t_expand
+
+t_delete() {
+  local pv; pv=$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')
+  local h; h=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')
+  delete_pod user "$pv"
+  kubectl -n e2e delete pvc data --wait=true --timeout=60s >/dev/null
+  wait_for 60 "PV $pv deleted" bash -c "! '$BIN/kubectl' get pv $pv >/dev/null 2>&1"
+  wait_for 30 "image of $h deleted" bash -c "[ ! -e '$E2E_DIR/data/volumes/$h.qcow2' ]"
+  echo "PV $pv and image $h.qcow2 gone"
+}
+run_test "deleting the PVC deletes the PV and the image" t_delete
+
+t_invalid() {
+  kubectl apply -f - >/dev/null <<Y
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: zq-csi-bad}
+provisioner: $DRIVER
+volumeBindingMode: WaitForFirstConsumer
+parameters: {zone.size: 64M, zone.max_open_zones: "99"}
+Y
+  pvc bad 512Mi zq-csi-bad
+  pod baduser bad
+  wait_for 90 "a ProvisioningFailed event" bash -c "'$BIN/kubectl' -n e2e get events --field-selector involvedObject.name=bad,reason=ProvisioningFailed -o jsonpath='{.items[*].message}' | grep -q zone.max_open_zones"
+  kubectl -n e2e get events --field-selector involvedObject.name=bad,reason=ProvisioningFailed -o jsonpath='{.items[0].message}'; echo
+  [ "$(kubectl -n e2e get pvc bad -o jsonpath='{.status.phase}')" = Pending ]
+  kubectl -n e2e delete pod baduser --wait=false >/dev/null; kubectl -n e2e delete pvc bad --wait=false >/dev/null
+  kubectl delete storageclass zq-csi-bad >/dev/null
+}
+run_test "an invalid StorageClass parameter leaves the PVC Pending with an event naming it" t_invalid
+
+
+teardown
+echo
+echo "=== e2e results"
+printf '%s\n' "${results[@]}"
+echo
+echo "=== e2e phase times"
+phase_times+=("$(printf '%-8s %5ds' "$cur_phase" $(( $(date +%s) - last )))")
+printf '%s\n' "${phase_times[@]}"
+printf 'total    %5ds\n' $(( $(date +%s) - start ))
+[ "$leftover" = 0 ] || failed=$((failed + 1))
+echo
+echo "e2e: $passed passed, $failed failed, $skipped skipped"
+[ "$failed" = 0 ]
