@@ -76,7 +76,7 @@ func Main(args []string, env Env) int {
 	fs.StringVar(&o.dataDir, "data-dir", "/var/lib/zq-csi", "directory holding the volume and snapshot images")
 	fs.StringVar(&o.stateDir, "state-dir", "", "directory holding records and attachment state (default <data-dir>/state); must survive plugin restarts")
 	fs.StringVar(&o.driverName, "driver-name", driver.DefaultDriverName, "CSI driver name")
-	fs.StringVar(&o.attacher, "attacher", "nbd", "how staged volumes reach the kernel: nbd (netlink NBD), or file (a stand-in file for conformance runs on machines without nbd; data does not reach the image)")
+	fs.StringVar(&o.attacher, "attacher", "nbd", "how staged volumes reach the kernel: nbd (netlink NBD), fuse-loop (a FUSE file with a loop device, for nodes without nbd), auto (nbd when the module is present or loads, else fuse-loop), or file (a stand-in file for conformance runs on machines without nbd; data does not reach the image)")
 	fs.Int64Var(&o.maxVolumes, "max-volumes", 0, "volumes per node reported by NodeGetInfo (0: the attacher's device count)")
 	fs.StringVar(&o.backend, "backend", "local", "where the controller keeps records and how image work reaches nodes: local (one process, --mode all) or cluster (ZonedVolume resources in the API server; node agents in --mode node do the image work)")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for --backend cluster (default: the in-cluster service account)")
@@ -229,6 +229,14 @@ func newAttacher(kind, stateDir string) (nbdattach.Attacher, error) {
 		return driver.NewFileAttacher(stateDir, 0)
 	case "nbd":
 		return newNBDAttacher(stateDir)
+	case "fuse-loop":
+		klog.InfoS("Using the fuse-loop attacher: volumes are FUSE files of this process with loop devices on top; they do not survive a restart of the node plugin without I/O errors")
+		return newFuseLoopAttacher(stateDir)
+	case "auto":
+		chosen, reason := chooseAttacher()
+		klog.InfoS("Chose the attacher", "attacher", chosen, "reason", reason)
+		// Records live per resolved kind: attach-nbd or attach-fuse-loop.
+		return newAttacher(chosen, filepath.Join(filepath.Dir(stateDir), "attach-"+chosen))
 	}
-	return nil, fmt.Errorf("--attacher=%s: must be nbd or file", kind)
+	return nil, fmt.Errorf("--attacher=%s: must be nbd, fuse-loop, auto or file", kind)
 }
