@@ -11,15 +11,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"sort"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	. "github.com/onsi/ginkgo/v2"
-	"github.com/onsi/ginkgo/v2/types"
-	. "github.com/onsi/gomega"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -330,61 +327,10 @@ func runClusterSuite(t *testing.T, kubeconfig string) {
 		if err := os.MkdirAll(dir, 0o750); err != nil {
 			t.Fatal(err)
 		}
-		cfg := sanity.NewTestConfig()
-		cfg.Address = node
-		cfg.ControllerAddress = ctrl
-		cfg.TargetPath = filepath.Join(dir, "target")
-		cfg.StagingPath = filepath.Join(dir, "staging")
-		cfg.TestVolumeAccessType = "block"
-		cfg.TestVolumeSize = ps.size
-		cfg.TestVolumeExpandSize = ps.expandSize
-		cfg.TestVolumeParameters = ps.params
-		cfg.TestVolumeMutableParameters = ps.mutable
-		cfg.TestNodeVolumeAttachLimit = true
-		cfg.IdempotentCount = 10
-		cfg.IDGen = idGen{}
-		cfg.TestInvalidListVolumesStartingToken = "not-a-token"
+		cfg := sanityConfig(ctrl, node, dir, ps)
 		Describe("[cluster backend]["+ps.name+"]", func() {
 			sanity.GinkgoTest(&cfg)
 		})
 	}
-	var report types.Report
-	ReportAfterSuite("zq-csi cluster sanity counts", func(r types.Report) { report = r })
-	RegisterFailHandler(Fail)
-	suiteCfg, reporterCfg := GinkgoConfiguration()
-	suiteCfg.Timeout = 15 * time.Minute
-	reporterCfg.Succinct = true
-	RunSpecs(t, "zq-csi sanity, cluster backend", suiteCfg, reporterCfg)
-
-	var passed, failed, pending int
-	var skipped, badSkips []string
-	for _, sr := range report.SpecReports {
-		if sr.LeafNodeType != types.NodeTypeIt {
-			continue
-		}
-		switch sr.State {
-		case types.SpecStatePassed:
-			passed++
-		case types.SpecStateSkipped:
-			skipped = append(skipped, sr.FullText())
-			if !allowedSkip(sr.FullText()) {
-				badSkips = append(badSkips, sr.FullText()+": "+sr.Failure.Message)
-			}
-		case types.SpecStatePending:
-			pending++
-		default:
-			failed++
-		}
-	}
-	sort.Strings(skipped)
-	w := bufio.NewWriter(os.Stdout)
-	fmt.Fprintf(w, "\nzq-csi sanity (cluster backend, kube-apiserver): %d parameter sets, %d specs run (%d passed, %d failed), %d skipped (ControllerPublish/Unpublish: attachRequired false), %d pending upstream\n",
-		len(paramSets), passed+failed, passed, failed, len(skipped), pending)
-	w.Flush()
-	for _, s := range badSkips {
-		t.Errorf("spec skipped without a reason this driver accepts: %s", s)
-	}
-	if passed == 0 {
-		t.Error("no sanity spec ran")
-	}
+	runSuite(t, "zq-csi sanity, cluster backend", "zq-csi sanity (cluster backend, kube-apiserver)", 15*time.Minute)
 }

@@ -3,6 +3,7 @@
 package sanity
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -191,32 +192,45 @@ func TestSanity(t *testing.T) {
 			t.Fatal(err)
 		}
 		ctrl, node := startDriver(t, dir)
-		cfg := sanity.NewTestConfig()
-		cfg.Address = node
-		cfg.ControllerAddress = ctrl
-		cfg.TargetPath = filepath.Join(dir, "target")
-		cfg.StagingPath = filepath.Join(dir, "staging")
-		cfg.TestVolumeAccessType = "block"
-		cfg.TestVolumeSize = ps.size
-		cfg.TestVolumeExpandSize = ps.expandSize
-		cfg.TestVolumeParameters = ps.params
-		cfg.TestVolumeMutableParameters = ps.mutable
-		cfg.TestNodeVolumeAttachLimit = true
-		cfg.IdempotentCount = 10
-		cfg.IDGen = idGen{}
-		cfg.TestInvalidListVolumesStartingToken = "not-a-token"
+		cfg := sanityConfig(ctrl, node, dir, ps)
 		Describe("["+ps.name+"]", func() {
 			sanity.GinkgoTest(&cfg)
 		})
 	}
 
+	runSuite(t, "zq-csi sanity", "zq-csi sanity", 3*time.Minute)
+}
+
+// sanityConfig is the csi-test configuration shared by both backends' runs.
+func sanityConfig(ctrl, node, dir string, ps paramSet) sanity.TestConfig {
+	cfg := sanity.NewTestConfig()
+	cfg.Address = node
+	cfg.ControllerAddress = ctrl
+	cfg.TargetPath = filepath.Join(dir, "target")
+	cfg.StagingPath = filepath.Join(dir, "staging")
+	cfg.TestVolumeAccessType = "block"
+	cfg.TestVolumeSize = ps.size
+	cfg.TestVolumeExpandSize = ps.expandSize
+	cfg.TestVolumeParameters = ps.params
+	cfg.TestVolumeMutableParameters = ps.mutable
+	cfg.TestNodeVolumeAttachLimit = true
+	cfg.IdempotentCount = 10
+	cfg.IDGen = idGen{}
+	cfg.TestInvalidListVolumesStartingToken = "not-a-token"
+	return cfg
+}
+
+// runSuite runs the specs described so far, prints the counts under
+// label, and fails the test on a failure or on a skip this driver does not
+// accept (only ControllerPublish/Unpublish, see allowedSkip).
+func runSuite(t *testing.T, suite, label string, timeout time.Duration) {
 	var report types.Report
-	ReportAfterSuite("zq-csi sanity counts", func(r types.Report) { report = r })
+	ReportAfterSuite(suite+" counts", func(r types.Report) { report = r })
 	RegisterFailHandler(Fail)
 	suiteCfg, reporterCfg := GinkgoConfiguration()
-	suiteCfg.Timeout = 3 * time.Minute
+	suiteCfg.Timeout = timeout
 	reporterCfg.Succinct = true
-	RunSpecs(t, "zq-csi sanity", suiteCfg, reporterCfg)
+	RunSpecs(t, suite, suiteCfg, reporterCfg)
 
 	var passed, failed, pending int
 	var skipped, badSkips []string
@@ -239,8 +253,10 @@ func TestSanity(t *testing.T) {
 		}
 	}
 	sort.Strings(skipped)
-	fmt.Printf("\nzq-csi sanity: %d parameter sets, %d specs run (%d passed, %d failed), %d skipped (ControllerPublish/Unpublish: attachRequired false), %d pending upstream\n",
-		len(paramSets), passed+failed, passed, failed, len(skipped), pending)
+	w := bufio.NewWriter(os.Stdout)
+	fmt.Fprintf(w, "\n%s: %d parameter sets, %d specs run (%d passed, %d failed), %d skipped (ControllerPublish/Unpublish: attachRequired false), %d pending upstream\n",
+		label, len(paramSets), passed+failed, passed, failed, len(skipped), pending)
+	w.Flush()
 	for _, s := range badSkips {
 		t.Errorf("spec skipped without a reason this driver accepts: %s", s)
 	}
