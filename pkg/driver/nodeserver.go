@@ -210,11 +210,8 @@ func (s *nodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstage
 // (SINGLE_NODE_READER_ONLY), which makes the device itself read-only.
 func (s *nodeServer) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	switch {
-	case id == "":
-		return nil, errorf(ErrInvalidArgument, "volume_id is missing")
-	case target == "":
-		return nil, errorf(ErrInvalidArgument, "target_path is missing")
+	if err := requireVolumeAndTarget(id, target); err != nil {
+		return nil, err
 	}
 	if err := checkCapability(req.GetVolumeCapability()); err != nil {
 		return nil, err
@@ -289,11 +286,8 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, req *csi.NodePublish
 // what it created). A target that is gone already is success.
 func (s *nodeServer) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	switch {
-	case id == "":
-		return nil, errorf(ErrInvalidArgument, "volume_id is missing")
-	case target == "":
-		return nil, errorf(ErrInvalidArgument, "target_path is missing")
+	if err := requireVolumeAndTarget(id, target); err != nil {
+		return nil, err
 	}
 	unlock, err := s.lock(id)
 	if err != nil {
@@ -452,4 +446,16 @@ func (s *nodeServer) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVo
 		return nil, errorf(ErrFailedPrecondition, "the %s attacher cannot resize an attached device; restage the volume", s.d.cfg.Attacher.Kind())
 	}
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: int64(size)}, nil
+}
+
+// requireVolumeAndTarget checks the two fields every publish/unpublish
+// request must carry (CSI spec: InvalidArgument when missing).
+func requireVolumeAndTarget(id, target string) error {
+	switch {
+	case id == "":
+		return errorf(ErrInvalidArgument, "volume_id is missing")
+	case target == "":
+		return errorf(ErrInvalidArgument, "target_path is missing")
+	}
+	return nil
 }
