@@ -372,6 +372,35 @@ func (a *NetlinkAttacher) lookup(volumeID string) *served {
 	return a.live[volumeID]
 }
 
+// Resize tells the kernel that volumeID's backend has grown (or shrunk)
+// to size bytes: NBD_CMD_RECONFIGURE with NBD_ATTR_SIZE_BYTES, then wait
+// until /dev/nbdN shows the new size. The backend must already have the
+// size: the kernel asks for the new blocks at once (partition scan, and
+// whatever the pod does next).
+func (a *NetlinkAttacher) Resize(ctx context.Context, volumeID string, size int64) error {
+	unlock := a.locks.lock(volumeID)
+	defer unlock()
+	s := a.lookup(volumeID)
+	if s == nil {
+		if rec, err := a.store.Get(volumeID); err == nil {
+			return fmt.Errorf("%w: %q at %s", ErrNotServed, volumeID, rec.DevicePath)
+		}
+		return fmt.Errorf("nbd: resize: volume %q is not attached", volumeID)
+	}
+	if got := s.backend.Size(); got != size {
+		return fmt.Errorf("nbd: resize %q: the backend is %d bytes, not %d", volumeID, got, size)
+	}
+	if bs := int64(s.exp.MinBlockSize); size <= 0 || size%bs != 0 {
+		return fmt.Errorf("nbd: resize %q: size %d is not a positive multiple of the block size %d", volumeID, size, bs)
+	}
+	att := s.attachment()
+	sz := uint64(size)
+	if err := a.nl.Reconfigure(ReconfigureConfig{Index: att.Index, BackendID: att.BackendID, Size: &sz}); err != nil {
+		return err
+	}
+	return a.sys.waitDevice(ctx, att.Index, sz, a.opts.DeviceTimeout)
+}
+
 // Detach implements Attacher: flush through the device, DISCONNECT (the
 // kernel sends NBD_CMD_DISC), wait until our server has seen it and
 // flushed the backend, drop the record. Detaching a volume served by

@@ -235,9 +235,14 @@ type ReconfigureConfig struct {
 	Timeout         *time.Duration
 	DeadConnTimeout *time.Duration
 	ClientFlags     *ClientFlags
+	// Size is a new size in bytes (NBD_ATTR_SIZE_BYTES; Linux 5.3 and
+	// later resize a configured device on RECONFIGURE). The block size
+	// stays the device's.
+	Size *uint64
 }
 
-// Reconfigure replaces dead connections of a configured device. The kernel
+// Reconfigure replaces dead connections of a configured device, or
+// changes its timeouts, flags or size. The kernel
 // answers EINVAL when the backend identifier differs. When no connection of
 // the device is dead (another process still serves it) it drops the socket
 // but answers success (Linux 4.12 to at least 6.12 turn that -ENOSPC into
@@ -257,6 +262,9 @@ func (c *NetlinkClient) Reconfigure(cfg ReconfigureConfig) error {
 	}
 	if cfg.ClientFlags != nil {
 		ae.Uint64(nlAttrClientFlags, uint64(*cfg.ClientFlags))
+	}
+	if cfg.Size != nil {
+		ae.Uint64(nlAttrSizeBytes, *cfg.Size)
 	}
 	if cfg.BackendID != "" {
 		ae.String(nlAttrBackendID, cfg.BackendID)

@@ -222,6 +222,7 @@ func TestNetlinkReconfigure(t *testing.T) {
 	dct := 60 * time.Second
 	to := time.Duration(0)
 	cf := ClientDestroyOnDisconnect
+	size := uint64(96 << 20)
 	tests := []struct {
 		name string
 		cfg  ReconfigureConfig
@@ -232,6 +233,8 @@ func TestNetlinkReconfigure(t *testing.T) {
 		{"timeouts and flags", ReconfigureConfig{Index: 0, Timeout: &to, DeadConnTimeout: &dct, ClientFlags: &cf},
 			[]attr{{Type: nlAttrIndex, Data: u32(0)}, {Type: nlAttrTimeout, Data: u64(0)},
 				{Type: nlAttrDeadConnTimeout, Data: u64(60)}, {Type: nlAttrClientFlags, Data: u64(1)}}},
+		{"size", ReconfigureConfig{Index: 5, BackendID: "vol", Size: &size},
+			[]attr{{Type: nlAttrIndex, Data: u32(5)}, {Type: nlAttrSizeBytes, Data: u64(96 << 20)}, {Type: nlAttrBackendID, Data: cstr("vol")}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -256,6 +256,12 @@ func (t *transmitter) check(req request, allowed uint16, writes bool, oob Errno,
 		return errorf(EPERM, "export is read-only")
 	}
 	end := req.offset + uint64(req.length)
+	if end > t.size && end >= req.offset {
+		// The backend may have grown since the session began: a kernel
+		// device resized with RECONFIGURE (NetlinkAttacher.Resize) asks
+		// for the new blocks on the same connection.
+		t.size = uint64(t.backend.Size())
+	}
 	if end < req.offset || end > t.size {
 		return errorf(oob, "%v of %d bytes at offset %d is beyond the export size %d", req.typ, req.length, req.offset, t.size)
 	}

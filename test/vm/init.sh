@@ -75,8 +75,35 @@ else
   echo "ZQVM: DD skipped: qemu-nbd not in the initramfs"
 fi
 cd /tmp
-ZQ_VM=1 ZQ_CSI_BIN=/zq/zq-csi ZQ_VM_MIB=$ZQ_VM_MIB /zq/vm.test -test.v -test.count=1 -test.timeout=12m -test.run "$ZQ_VM_RUN" 2>&1
-echo "ZQVM: GO-TESTS rc=$?"
+# The tests run in the background under a watchdog: a test stuck in the
+# kernel (a task in D state waiting on a device nobody serves) cannot be
+# ended by Go's own -test.timeout, and must not leave the VM running
+# until the host's timeout with nothing said. Past the limit the watchdog
+# prints every blocked task's kernel stack and powers off.
+( ZQ_VM=1 ZQ_CSI_BIN=/zq/zq-csi ZQ_VM_MIB=$ZQ_VM_MIB /zq/vm.test -test.v -test.count="${ZQ_VM_COUNT:-1}" \
+    -test.timeout="${ZQ_VM_TEST_TIMEOUT:-8}m" -test.run "$ZQ_VM_RUN" 2>&1
+  echo "ZQVM: GO-TESTS rc=$?" ) &
+tests=$!
+limit=$(( ${ZQ_VM_TEST_TIMEOUT:-8} * 60 + 30 ))
+waited=0
+while kill -0 $tests 2>/dev/null; do
+  if [ $waited -ge $limit ]; then
+    echo "ZQVM: WATCHDOG the tests did not end within ${limit}s; blocked tasks:"
+    for t in /proc/[0-9]*/task/[0-9]*; do
+      st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' $t/status 2>/dev/null)
+      [ "$st" = D ] || continue
+      echo "ZQVM: WATCHDOG task ${t#/proc/} ($(cat $t/comm 2>/dev/null)) in D state:"
+      sed 's/^/ZQVM: WATCHDOG   /' $t/stack 2>/dev/null
+    done
+    for d in /sys/class/ublk-char/ublkc*; do
+      [ -e "$d" ] && echo "ZQVM: WATCHDOG ${d##*/} present"
+    done
+    echo "ZQVM: GO-TESTS rc=124 (watchdog)"
+    break
+  fi
+  sleep 1
+  waited=$((waited + 1))
+done
 echo "ZQVM: DONE"
 sync
 poweroff -f

@@ -14,6 +14,9 @@
 #   ZQ_VM_TIMEOUT      seconds before the VM is killed (default 900)
 #   ZQ_VM_MIB          MiB written per I/O test and per dd run (default 64)
 #   ZQ_VM_RUN          -test.run pattern for the in-VM Go tests
+#   ZQ_VM_COUNT        -test.count for them (default 1; raise it to hunt races)
+#   ZQ_VM_TEST_TIMEOUT minutes for them (default 8); a watchdog in the VM
+#                      reports blocked tasks and powers off 30 s later
 #   ZQ_REQUIRE_VM=1 or ZQ_REQUIRE_PEERS=1: a missing tool fails instead of skipping
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -124,6 +127,8 @@ cp test/vm/init.sh "$R/init"; chmod +x "$R/init"
 cat > "$R/zq/env" <<EOF
 ZQ_VM_MIB=${ZQ_VM_MIB:-64}
 ZQ_VM_RUN='${ZQ_VM_RUN:-.}'
+ZQ_VM_COUNT=${ZQ_VM_COUNT:-1}
+ZQ_VM_TEST_TIMEOUT=${ZQ_VM_TEST_TIMEOUT:-8}
 KREL=$KREL
 EOF
 (cd "$R" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1 > "$W/initrd.gz")
@@ -156,7 +161,7 @@ tr -d '\r' < "$LOG" > "$W/clean.log"
 echo
 say "==== summary ($ACCEL, kernel $KREL, VM ran $((t2 - t1))s, total $((t2 - t0))s) ===="
 grep -E '^(--- (PASS|FAIL|SKIP)|    --- (PASS|FAIL|SKIP))' "$W/clean.log" | sed 's/^/[test-vm]   /' || true
-grep -E '^ZQVM: (RESTART|DD|RATIO|ZONED|UBLK|NULLBLK|MODULE)' "$W/clean.log" | sed 's/^ZQVM: /[test-vm]   /' || true
+grep -E '^ZQVM: (RESTART|RESIZE|DD|RATIO|ZONED|UBLK|NULLBLK|MODULE|WATCHDOG)' "$W/clean.log" | sed 's/^ZQVM: /[test-vm]   /' || true
 if ! grep -q '^ZQVM: DONE' "$W/clean.log"; then
   say "FAIL: the VM did not finish (qemu exit $qrc; timeout ${ZQ_VM_TIMEOUT:-900}s)"
   exit 1

@@ -15,7 +15,6 @@ import (
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
-	"k8s.io/klog/v2"
 
 	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 )
@@ -45,6 +44,11 @@ type Options struct {
 	StateDir string
 	// NoDirectIO attaches loop devices without LO_FLAGS_DIRECT_IO.
 	NoDirectIO bool
+	// OnEvent receives what the attacher did that an operator may want to
+	// know (attach, detach, fallbacks), as a message and key/value pairs
+	// in the style of klog.InfoS; nil drops them. This package does not
+	// log.
+	OnEvent func(msg string, keysAndValues ...any)
 }
 
 // Attacher exposes each backend as the file <StateDir>/fuse/<volume>/disk
@@ -57,6 +61,7 @@ type Attacher struct {
 	dir   string
 	store *nbdattach.StateStore
 	noDIO bool
+	event func(msg string, keysAndValues ...any)
 
 	mu   sync.Mutex
 	vols map[string]*volume
@@ -91,7 +96,11 @@ func New(o Options) (*Attacher, error) {
 	if err := os.MkdirAll(filepath.Join(o.StateDir, "fuse"), 0o700); err != nil {
 		return nil, err
 	}
-	return &Attacher{dir: o.StateDir, store: st, noDIO: o.NoDirectIO, vols: map[string]*volume{}}, nil
+	event := o.OnEvent
+	if event == nil {
+		event = func(string, ...any) {}
+	}
+	return &Attacher{dir: o.StateDir, store: st, noDIO: o.NoDirectIO, event: event, vols: map[string]*volume{}}, nil
 }
 
 // Available reports why this host cannot run the attacher, or nil.
@@ -141,7 +150,7 @@ func (a *Attacher) Attach(ctx context.Context, req nbdattach.AttachRequest) (*nb
 		return nil, err
 	}
 	a.vols[req.VolumeID] = v
-	klog.InfoS("Attached volume through FUSE and loop", "volumeID", req.VolumeID, "device", v.att.DevicePath, "mount", v.mnt, "directIO", v.dio)
+	a.event("Attached volume through FUSE and loop", "volumeID", req.VolumeID, "device", v.att.DevicePath, "mount", v.mnt, "directIO", v.dio)
 	att := v.att
 	return &att, nil
 }
@@ -211,7 +220,7 @@ func (a *Attacher) attach(req nbdattach.AttachRequest, wantIdx int) (_ *volume, 
 	}
 	v.dio = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
 	if !a.noDIO && !v.dio {
-		klog.InfoS("The loop driver refused direct I/O on the FUSE file; using buffered loop I/O (the FUSE file is still direct_io)", "volumeID", req.VolumeID)
+		a.event("The loop driver refused direct I/O on the FUSE file; using buffered loop I/O (the FUSE file is still direct_io)", "volumeID", req.VolumeID)
 	}
 	v.att = nbdattach.Attachment{
 		VolumeID: req.VolumeID, DevicePath: v.loop.Name(), Index: int(info.Number),
@@ -310,7 +319,7 @@ func (a *Attacher) teardown(v *volume) error {
 			// kernel clears it at their last close. Detach the mount
 			// lazily; the server ends with the last reference (I/O
 			// until then fails: the backend is closed).
-			klog.InfoS("The loop device is still open; unmounting the FUSE file lazily", "device", v.att.DevicePath, "mount", v.mnt)
+			a.event("The loop device is still open; unmounting the FUSE file lazily", "device", v.att.DevicePath, "mount", v.mnt)
 			if lerr := unix.Unmount(v.mnt, unix.MNT_DETACH); lerr != nil {
 				errs = append(errs, fmt.Errorf("unmounting %s: %w", v.mnt, err))
 			}
@@ -341,7 +350,7 @@ func (a *Attacher) cleanStale(rec nbdattach.Attachment) {
 			if info, err := unix.IoctlLoopGetStatus64(int(dev.Fd())); err == nil &&
 				strings.HasPrefix(unix.ByteSliceToString(info.File_name[:]), mnt) {
 				if err := unix.IoctlSetInt(int(dev.Fd()), unix.LOOP_CLR_FD, 0); err != nil {
-					klog.InfoS("Could not unbind a stale loop device", "device", dev.Name(), "err", err)
+					a.event("Could not unbind a stale loop device", "device", dev.Name(), "err", err)
 				}
 			}
 			dev.Close()
@@ -376,7 +385,7 @@ func (a *Attacher) Detach(ctx context.Context, volumeID string) error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("fuse-loop: detaching %s: %w", volumeID, err)
 	}
-	klog.InfoS("Detached volume", "volumeID", volumeID, "device", v.att.DevicePath)
+	a.event("Detached volume", "volumeID", volumeID, "device", v.att.DevicePath)
 	return nil
 }
 
@@ -432,7 +441,7 @@ func (a *Attacher) Recover(ctx context.Context, open func(nbdattach.Attachment) 
 			continue
 		}
 		if att.DevicePath != rec.DevicePath {
-			klog.InfoS("Recovered volume on a different loop device", "volumeID", rec.VolumeID, "old", rec.DevicePath, "new", att.DevicePath)
+			a.event("Recovered volume on a different loop device", "volumeID", rec.VolumeID, "old", rec.DevicePath, "new", att.DevicePath)
 		}
 		out = append(out, *att)
 	}
@@ -484,7 +493,7 @@ func (a *Attacher) Resize(ctx context.Context, volumeID string, size int64) erro
 	if err := unix.IoctlSetInt(int(v.loop.Fd()), unix.LOOP_SET_CAPACITY, 0); err != nil {
 		return fmt.Errorf("fuse-loop: LOOP_SET_CAPACITY %s: %w", v.loop.Name(), err)
 	}
-	klog.InfoS("Resized the loop device", "volumeID", volumeID, "device", v.att.DevicePath, "size", size)
+	a.event("Resized the loop device", "volumeID", volumeID, "device", v.att.DevicePath, "size", size)
 	return nil
 }
 

@@ -10,13 +10,14 @@ import (
 
 	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 	"github.com/zq-csi/zq-csi/pkg/nbdattach/fuseloop"
+	"k8s.io/klog/v2"
 )
 
 // newFuseLoopAttacher serves each volume as a FUSE file with a loop device
 // on top, for nodes without the nbd module. Attachments do not survive a
 // restart of this process (Recover re-attaches them).
 func newFuseLoopAttacher(stateDir string) (nbdattach.Attacher, error) {
-	a, err := fuseloop.New(fuseloop.Options{StateDir: stateDir})
+	a, err := fuseloop.New(fuseloop.Options{StateDir: stateDir, OnEvent: klog.InfoS})
 	if err != nil {
 		return nil, fmt.Errorf("the fuse-loop attacher: %w", err)
 	}
