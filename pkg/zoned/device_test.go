@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -219,10 +220,12 @@ func TestKill9ZoneWorkload(t *testing.T) {
 		type rec struct{ off, n uint64 }
 		acked := map[int][]rec{}
 		tryReset := -1
+		var lines []string // the child's output, for a failure's report
 		done := make(chan struct{})
 		go func() {
 			sc := bufio.NewScanner(stdout)
 			for sc.Scan() {
+				lines = append(lines, sc.Text())
 				var z int
 				var off, n uint64
 				if c, _ := fmt.Sscanf(sc.Text(), "ACK %d %d %d", &z, &off, &n); c == 3 {
@@ -256,7 +259,7 @@ func TestKill9ZoneWorkload(t *testing.T) {
 			if recs := acked[z]; len(recs) > 0 {
 				last := recs[len(recs)-1]
 				if wp < last.off+last.n {
-					t.Fatalf("round %d zone %d: WP %d is behind the last acknowledged write [%d,+%d)", round, z, wp, last.off, last.n)
+					t.Fatalf("round %d zone %d: WP %d is behind the last acknowledged write [%d,+%d)\n%s", round, z, wp, last.off, last.n, crashReport(path, g, z, lines))
 				}
 			}
 			data := make([]byte, wp-r.Start)
@@ -283,4 +286,39 @@ func TestKill9ZoneWorkload(t *testing.T) {
 			t.Fatalf("round %d: check after repair: %+v %v", round, res, err)
 		}
 	}
+}
+
+// crashReport describes the state behind a failed crash check: zone z's
+// durable and live write pointers, whether the live table as a whole
+// would be accepted, and the child's last lines about zone z.
+func crashReport(path string, g Geometry, z int, lines []string) string {
+	var b strings.Builder
+	if im, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: true}); err == nil {
+		if wps, _, err := im.WritePointers(); err == nil {
+			fmt.Fprintf(&b, "durable WP of zone %d: %d\n", z, wps[z])
+		}
+		im.Close()
+	}
+	_, live, err := openLiveTable(path+liveSuffix, g.NrZones, true)
+	switch {
+	case err != nil:
+		fmt.Fprintf(&b, "live table: %v\n", err)
+	case live == nil:
+		fmt.Fprintf(&b, "live table: absent or not of this boot\n")
+	default:
+		_, merr := NewMachine(g, live)
+		fmt.Fprintf(&b, "live WP of zone %d: %d; the live table as a whole: %v\n", z, live[z], merr)
+	}
+	var mine []string
+	tag := fmt.Sprintf(" %d", z)
+	for _, l := range lines {
+		if strings.HasPrefix(l, "FLUSH") || strings.Contains(l+" ", tag+" ") {
+			mine = append(mine, l)
+		}
+	}
+	if len(mine) > 30 {
+		mine = mine[len(mine)-30:]
+	}
+	fmt.Fprintf(&b, "the child's last lines for zone %d (of %d):\n%s", z, len(lines), strings.Join(mine, "\n"))
+	return b.String()
 }
