@@ -66,7 +66,12 @@ func createParams(params, mutable map[string]string) (map[string]string, error) 
 // pickNode chooses the node for a new volume from the accessibility
 // requirements: the first preferred, else the first requisite, topology that
 // names a node the backend has (CSI: preferred before requisite).
-func (s *controllerServer) pickNode(ctx context.Context, req *csi.TopologyRequirement) (string, error) {
+//
+// A volume with exporter=ublk skips topologies whose ExporterTopologyKey
+// segment says the node has no zoned ublk: staging it there could never
+// succeed, and the volume would be stuck on that node. ResourceExhausted
+// makes the provisioner ask the scheduler for another node.
+func (s *controllerServer) pickNode(ctx context.Context, req *csi.TopologyRequirement, exporter string) (string, error) {
 	nodes, err := s.be().Nodes(ctx)
 	if err != nil {
 		return "", err
@@ -77,14 +82,37 @@ func (s *controllerServer) pickNode(ctx context.Context, req *csi.TopologyRequir
 		}
 		return "", errorf(ErrInvalidArgument, "accessibility_requirements must name a node (%s): zq-csi volumes are node-local; use volumeBindingMode WaitForFirstConsumer", TopologyKey)
 	}
+	var noUblk []string
 	for _, list := range [][]*csi.Topology{req.GetPreferred(), req.GetRequisite()} {
 		for _, t := range list {
-			if n, ok := t.GetSegments()[TopologyKey]; ok && slices.Contains(nodes, n) {
-				return n, nil
+			n, ok := t.GetSegments()[TopologyKey]
+			if !ok || !slices.Contains(nodes, n) {
+				continue
 			}
+			if !exporterFits(t, exporter) {
+				noUblk = append(noUblk, n)
+				continue
+			}
+			return n, nil
 		}
 	}
+	if len(noUblk) > 0 {
+		return "", errorf(ErrResourceExhausted, "parameter %s=%s: the requested node(s) %v have no zoned ublk (their %s segment is not %s)",
+			ParamExporter, exporter, slices.Compact(slices.Sorted(slices.Values(noUblk))), ExporterTopologyKey, ExporterUblk)
+	}
 	return "", errorf(ErrResourceExhausted, "none of the requested topologies names a node zq-csi serves (%v)", nodes)
+}
+
+// exporterFits tells whether a node with topology t can stage a volume
+// asking for exporter. Topologies without the exporter segment (nodes
+// that do not report it) are given the benefit of the doubt: the node
+// refuses at NodeStageVolume if it must.
+func exporterFits(t *csi.Topology, exporter string) bool {
+	if exporter != ExporterUblk {
+		return true
+	}
+	e, ok := t.GetSegments()[ExporterTopologyKey]
+	return !ok || e == ExporterUblk
 }
 
 // topologyAllows reports whether node satisfies req (nil: anything).
@@ -140,6 +168,12 @@ func (c *ContentSource) csi() *csi.VolumeContentSource {
 func (r *VolumeRecord) csiVolume() *csi.Volume {
 	vc := r.Geometry.volumeContext()
 	vc[volumeContextNodeKey] = r.Node
+	// The exporter was validated at creation; records from before the
+	// parameter existed have none, which is auto.
+	vc[volumeContextExporterKey] = ExporterAuto
+	if e, ok := r.Params[ParamExporter]; ok {
+		vc[volumeContextExporterKey] = e
+	}
 	return &csi.Volume{
 		CapacityBytes:      int64(r.Geometry.Size),
 		VolumeId:           r.ID,
@@ -233,7 +267,11 @@ func (s *controllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 		}
 		// An earlier attempt stopped between record and image: finish it.
 	case errors.Is(err, ErrNotFound):
-		node, err := s.pickNode(ctx, req.GetAccessibilityRequirements())
+		exporter, err := exporterOf(params)
+		if err != nil {
+			return nil, err
+		}
+		node, err := s.pickNode(ctx, req.GetAccessibilityRequirements(), exporter)
 		if err != nil {
 			return nil, err
 		}
@@ -483,9 +521,18 @@ func (s *controllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacity
 	if err != nil {
 		return nil, err
 	}
+	exporter, err := exporterOf(params)
+	if err != nil {
+		return nil, err
+	}
 	if t := req.GetAccessibleTopology(); t != nil {
 		n, ok := t.GetSegments()[TopologyKey]
 		if !ok || !slices.Contains(nodes, n) {
+			return &csi.GetCapacityResponse{}, nil
+		}
+		// No capacity for exporter=ublk where the node has no zoned ublk:
+		// with storageCapacity tracking the scheduler then avoids it.
+		if !exporterFits(t, exporter) {
 			return &csi.GetCapacityResponse{}, nil
 		}
 		nodes = []string{n}

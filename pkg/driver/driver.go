@@ -44,8 +44,18 @@ type Config struct {
 	DataDir    string // images (node, and the local backend)
 	StateDir   string // records: controller (local backend) and node attachments
 
-	// Attacher exposes staged volumes (node and all modes).
+	// Attacher exposes staged volumes (node and all modes): the node's
+	// ordinary attacher (nbd, fuse-loop or file), used for exporter=nbd,
+	// and for exporter=auto where ZonedAttacher is nil.
 	Attacher nbdattach.Attacher
+	// ZonedAttacher, when set, exposes volumes as true host-managed zoned
+	// block devices (the ublk attacher): exporter=ublk, and exporter=auto.
+	// Nil where the node has no zoned ublk; ZonedUnavailable then says
+	// what the node lacks, for the FailedPrecondition of exporter=ublk.
+	// Its records must not be the ordinary attacher's (distinct kinds and
+	// state directories): each Recovers its own.
+	ZonedAttacher    nbdattach.Attacher
+	ZonedUnavailable string
 	// MaxVolumesPerNode overrides what NodeGetInfo reports; 0 asks the
 	// attacher (MaxDevices) and reports no limit if it cannot say.
 	MaxVolumesPerNode int64
@@ -114,6 +124,9 @@ func New(cfg Config) (*Driver, error) {
 		if cfg.Attacher == nil {
 			return nil, errors.New("node mode needs an attacher")
 		}
+		if cfg.ZonedAttacher != nil && cfg.ZonedAttacher.Kind() == cfg.Attacher.Kind() {
+			return nil, fmt.Errorf("the zoned attacher and the ordinary attacher are both of kind %q: staged volumes name their attacher by kind", cfg.Attacher.Kind())
+		}
 		if d.cfg.Mounter == nil {
 			d.cfg.Mounter = mount.NewWithoutSystemd("")
 		}
@@ -127,33 +140,44 @@ func New(cfg Config) (*Driver, error) {
 }
 
 // Recover re-establishes the attachments of an earlier run (DESIGN.md
-// point 5) before the node service answers: each recorded volume's image
-// is reopened and handed back to its attachment. Probe reports not ready
-// until it has run.
+// point 5) before the node service answers: each attacher (the ordinary
+// one and the zoned one) takes back its recorded devices, reopening each
+// volume's image. Probe reports not ready until both have run.
 func (d *Driver) Recover(ctx context.Context) error {
 	if d.node == nil {
 		d.ready.Store(true)
 		return nil
 	}
-	atts, err := d.cfg.Attacher.Recover(ctx, func(a nbdattach.Attachment) (nbdattach.Backend, error) {
+	auto, why := d.autoExporter()
+	klog.InfoS("Exporters of this node", "attacher", d.cfg.Attacher.Kind(), "zonedAttacher", kindOrNone(d.cfg.ZonedAttacher),
+		"auto", auto.Kind(), "reason", why, ExporterTopologyKey, d.exporterSegment())
+	open := func(a nbdattach.Attachment) (nbdattach.Backend, error) {
 		s, err := d.images.acquire(a.VolumeID)
 		if err != nil {
 			return nil, err
 		}
 		return &slotBackend{s: s, ro: a.ReadOnly}, nil
-	})
-	klog.InfoS("Recovered attachments", "count", len(atts), "attacher", d.cfg.Attacher.Kind())
-	if err != nil {
-		return fmt.Errorf("recover attachments: %w", err)
 	}
-	// Node records whose attachment did not come back are stale.
-	live := map[string]bool{}
-	for _, a := range atts {
-		live[a.VolumeID] = true
+	live := map[string]string{} // volume id → kind of the attacher serving it
+	var errs []error
+	for _, att := range d.attachers() {
+		atts, err := att.Recover(ctx, open)
+		klog.InfoS("Recovered attachments", "count", len(atts), "attacher", att.Kind())
+		if err != nil {
+			errs = append(errs, fmt.Errorf("recover %s attachments: %w", att.Kind(), err))
+		}
+		for _, a := range atts {
+			live[a.VolumeID] = att.Kind()
+		}
 	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	// Node records whose attachment did not come back (in the attacher
+	// that staged them) are stale.
 	for _, st := range d.node.list() {
-		if !live[st.ID] {
-			klog.InfoS("Volume staged before the restart has no attachment any more", "volumeID", st.ID)
+		if a := d.attacherOf(st); a == nil || live[st.ID] != a.Kind() {
+			klog.InfoS("Volume staged before the restart has no attachment any more", "volumeID", st.ID, "attacher", st.attacherKind(d.cfg.Attacher))
 			st.Lost = true
 			if err := d.node.put(st); err != nil {
 				return err
@@ -162,6 +186,13 @@ func (d *Driver) Recover(ctx context.Context) error {
 	}
 	d.ready.Store(true)
 	return nil
+}
+
+func kindOrNone(a nbdattach.Attacher) string {
+	if a == nil {
+		return "none"
+	}
+	return a.Kind()
 }
 
 // Register adds the services of mode to s (identity always).
@@ -242,6 +273,8 @@ func (d *Driver) Run(ctx context.Context, endpoint string) error {
 	}
 }
 
+// topology is the node's: its name, and the exporter exporter=auto gives
+// here (see ExporterTopologyKey).
 func (d *Driver) topology() *csi.Topology {
-	return &csi.Topology{Segments: map[string]string{TopologyKey: d.cfg.NodeID}}
+	return &csi.Topology{Segments: map[string]string{TopologyKey: d.cfg.NodeID, ExporterTopologyKey: d.exporterSegment()}}
 }

@@ -102,6 +102,9 @@ func TestInvalidParameters(t *testing.T) {
 		{"two spellings disagree", map[string]string{"zone.max_open_zones": "1", "zone.max-open-zones": "2"}, 8 * mib, "zone.max"},
 		{"empty value", map[string]string{"zone.size": ""}, 8 * mib, "zone.size"},
 		{"comma smuggling", map[string]string{"zone.size": "1M,backing_file=/etc/passwd"}, 8 * mib, "zone.size"},
+		{"exporter unknown", map[string]string{"exporter": "zoned"}, 8 * mib, "parameter exporter=zoned: must be auto, ublk or nbd"},
+		{"exporter case", map[string]string{"exporter": "UBLK"}, 8 * mib, "parameter exporter=UBLK: must be auto, ublk or nbd"},
+		{"exporter empty", map[string]string{"exporter": ""}, 8 * mib, "parameter exporter: empty value"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := td.ctrl.CreateVolume(context.Background(), createReq("v-"+strings.ReplaceAll(tc.name, " ", "-"), tc.size, tc.params))

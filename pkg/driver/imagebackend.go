@@ -5,6 +5,7 @@ import (
 
 	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
+	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
 // slotBackend serves a staged volume's zoned device (nbdattach.ZonedBackend:
@@ -119,4 +120,55 @@ func (b *slotBackend) BlockStatus(ctx string, off, length int64) ([]nbdattach.Ex
 	}
 	defer done()
 	return z.BlockStatus(ctx, off, length)
+}
+
+// The ublk exporter (ublk.Backend) serves the zone interface itself —
+// zone append, zone management, zone reports — so those go straight to
+// the zoned device, under the same gate.
+
+func (b *slotBackend) Append(zone int, p []byte, fua bool) (uint64, error) {
+	if b.ro {
+		return 0, syscall.EPERM
+	}
+	b.s.gate.RLock()
+	defer b.s.gate.RUnlock()
+	if b.s.dev == nil {
+		return 0, qcow2.ErrClosed
+	}
+	return b.s.dev.Append(zone, p, fua)
+}
+
+func (b *slotBackend) Mgmt(op zoned.Op, off, length uint64) error {
+	if b.ro {
+		return syscall.EPERM
+	}
+	b.s.gate.RLock()
+	defer b.s.gate.RUnlock()
+	if b.s.dev == nil {
+		return qcow2.ErrClosed
+	}
+	return b.s.dev.Mgmt(op, off, length)
+}
+
+// Report returns no zones while the device is closed (ublk answers a
+// report of fewer zones than asked with zeroed entries).
+func (b *slotBackend) Report(start, n int) []zoned.ZoneReport {
+	b.s.gate.RLock()
+	defer b.s.gate.RUnlock()
+	if b.s.dev == nil {
+		return nil
+	}
+	return b.s.dev.Report(start, n)
+}
+
+// Geometry is read once when a ublk device is created or recovered: the
+// kernel fixes the zone size, count and limits then. A limit lowered
+// later (ControllerModifyVolume) is enforced by the engine all the same.
+func (b *slotBackend) Geometry() zoned.Geometry {
+	b.s.gate.RLock()
+	defer b.s.gate.RUnlock()
+	if b.s.dev == nil {
+		return zoned.Geometry{}
+	}
+	return b.s.dev.Geometry()
 }

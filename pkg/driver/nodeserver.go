@@ -30,6 +30,21 @@ type StagedVolume struct {
 	Targets     map[string]bool `json:"targets"` // publish target path → read-only
 	// Lost is set when a restart found no attachment for the volume.
 	Lost bool `json:"lost,omitempty"`
+	// Attacher is the kind of the attacher that staged the volume ("ublk",
+	// "nbd", ...), which unstage, health, expansion and Recover go back
+	// to; empty in records from before exporter selection (the ordinary
+	// attacher). ExporterReason says why it was chosen.
+	Attacher       string `json:"attacher,omitempty"`
+	ExporterReason string `json:"exporterReason,omitempty"`
+}
+
+// attacherKind is the kind of the attacher that staged r, given the
+// node's ordinary attacher.
+func (r *StagedVolume) attacherKind(ordinary nbdattach.Attacher) string {
+	if r.Attacher == "" {
+		return ordinary.Kind()
+	}
+	return r.Attacher
 }
 
 func (r *StagedVolume) key() (string, string) { return r.ID, r.ID }
@@ -99,6 +114,9 @@ func (s *nodeServer) NodeGetCapabilities(context.Context, *csi.NodeGetCapabiliti
 
 func (s *nodeServer) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
 	maxVols := s.d.cfg.MaxVolumesPerNode
+	// The ordinary attacher's count (nbds_max for nbd) is the limit that
+	// binds: ublk device numbers are not scarce, and a volume may always
+	// ask for exporter=nbd.
 	if maxVols == 0 {
 		if dc, ok := s.d.cfg.Attacher.(deviceCounter); ok {
 			maxVols = int64(dc.MaxDevices())
@@ -144,24 +162,29 @@ func (s *nodeServer) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolu
 	if !s.d.images.Exists(id) {
 		return nil, errorf(ErrNotFound, "volume %s has no image on node %s", id, s.d.cfg.NodeID)
 	}
+	attacher, reason, err := s.d.stageAttacher(id, req.GetVolumeContext()[volumeContextExporterKey])
+	if err != nil {
+		klog.InfoS("Cannot stage volume with the exporter it asks for", "volumeID", id, "err", err)
+		return nil, err
+	}
 	slot, err := s.d.images.acquire(id)
 	if err != nil {
 		return nil, err
 	}
-	att, err := s.d.cfg.Attacher.Attach(ctx, nbdattach.AttachRequest{
+	att, err := attacher.Attach(ctx, nbdattach.AttachRequest{
 		VolumeID: id, ImagePath: s.d.images.VolumePath(id), Backend: &slotBackend{s: slot, ro: ro}, ReadOnly: ro})
 	if err != nil {
 		s.d.images.release(id)
-		return nil, fmt.Errorf("attach volume %s: %w", id, err)
+		return nil, fmt.Errorf("attach volume %s (%s attacher: %s): %w", id, attacher.Kind(), reason, err)
 	}
 	st = &StagedVolume{ID: id, StagingPath: staging, ImagePath: att.ImagePath, DevicePath: att.DevicePath,
-		AccessMode: int32(mode), ReadOnly: ro, Targets: map[string]bool{}}
+		AccessMode: int32(mode), ReadOnly: ro, Targets: map[string]bool{}, Attacher: attacher.Kind(), ExporterReason: reason}
 	if err := s.d.node.put(st); err != nil {
-		s.d.cfg.Attacher.Detach(ctx, id)
+		attacher.Detach(ctx, id)
 		s.d.images.release(id)
 		return nil, err
 	}
-	klog.InfoS("Staged volume", "volumeID", id, "device", att.DevicePath, "attacher", s.d.cfg.Attacher.Kind())
+	klog.InfoS("Staged volume", "volumeID", id, "device", att.DevicePath, "attacher", attacher.Kind(), "reason", reason)
 	return &csi.NodeStageVolumeResponse{}, nil
 }
 
@@ -187,8 +210,29 @@ func (s *nodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstage
 	if err == nil && len(st.Targets) > 0 {
 		return nil, errorf(ErrFailedPrecondition, "volume %s is still published at %v; unpublish it first", id, slices.Sorted(maps.Keys(st.Targets)))
 	}
-	if err := s.d.cfg.Attacher.Detach(ctx, id); err != nil {
-		return nil, fmt.Errorf("detach volume %s: %w", id, err)
+	if err != nil {
+		st = nil
+	}
+	// The attacher that staged it; with no (readable) record, as after a
+	// stage that failed past attaching or on a repeat, every attacher
+	// makes sure.
+	detachers := s.d.attachers()
+	if st != nil {
+		a := s.d.attacherOf(st)
+		switch {
+		case a != nil:
+			detachers = []nbdattach.Attacher{a}
+		case st.Lost:
+			detachers = nil // nothing of it is attached in this process
+		default:
+			return nil, errorf(ErrFailedPrecondition, "volume %s was staged through the %s attacher, which this node plugin does not run (%s)",
+				id, st.Attacher, s.d.zonedUnavailable())
+		}
+	}
+	for _, a := range detachers {
+		if err := a.Detach(ctx, id); err != nil {
+			return nil, fmt.Errorf("detach volume %s (%s attacher): %w", id, a.Kind(), err)
+		}
 	}
 	if err := s.d.images.release(id); err != nil {
 		return nil, err
@@ -197,7 +241,7 @@ func (s *nodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstage
 		return nil, err
 	}
 	if st != nil {
-		klog.InfoS("Unstaged volume", "volumeID", id)
+		klog.InfoS("Unstaged volume", "volumeID", id, "attacher", st.attacherKind(s.d.cfg.Attacher))
 	}
 	return &csi.NodeUnstageVolumeResponse{}, nil
 }
@@ -381,12 +425,16 @@ func (s *nodeServer) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVo
 		return nil, errorf(ErrNotFound, "volume %s is not staged on this node", id)
 	}
 	var probs []HealthProblem
-	atts, err := s.d.cfg.Attacher.List(ctx)
-	if err != nil {
-		return nil, err
+	attached := false
+	if a := s.d.attacherOf(st); a != nil {
+		atts, err := a.List(ctx)
+		if err != nil {
+			return nil, err
+		}
+		attached = slices.ContainsFunc(atts, func(a nbdattach.Attachment) bool { return a.VolumeID == id })
 	}
-	if !slices.ContainsFunc(atts, func(a nbdattach.Attachment) bool { return a.VolumeID == id }) || st.Lost {
-		probs = append(probs, HealthProblem{"inaccessible", "DeviceDetached", fmt.Sprintf("the %s attachment of the volume is gone", s.d.cfg.Attacher.Kind())})
+	if !attached || st.Lost {
+		probs = append(probs, HealthProblem{"inaccessible", "DeviceDetached", fmt.Sprintf("the %s attachment of the volume is gone", st.attacherKind(s.d.cfg.Attacher))})
 	}
 	probs = append(probs, s.d.images.Health(id)...)
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: healthOf(id, probs)}, nil
@@ -428,7 +476,8 @@ func (s *nodeServer) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVo
 		return nil, err
 	}
 	defer unlock()
-	if _, err := s.stagedAt(id, path); err != nil {
+	st, err := s.stagedAt(id, path)
+	if err != nil {
 		return nil, err
 	}
 	size, _, err := s.d.images.Usage(id)
@@ -438,12 +487,14 @@ func (s *nodeServer) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVo
 	if req := req.GetCapacityRange().GetRequiredBytes(); req > int64(size) {
 		return nil, errorf(ErrFailedPrecondition, "the image is %d bytes, less than required_bytes=%d: ControllerExpandVolume has not grown it yet", size, req)
 	}
-	if r, ok := s.d.cfg.Attacher.(attachResizer); ok {
+	// The ublk attacher has no resize: the kernel fixes a zoned device's
+	// zone count at START_DEV.
+	if r, ok := s.d.attacherOf(st).(attachResizer); ok {
 		if err := r.Resize(ctx, id, int64(size)); err != nil {
 			return nil, fmt.Errorf("resize the device of %s: %w", id, err)
 		}
 	} else {
-		return nil, errorf(ErrFailedPrecondition, "the %s attacher cannot resize an attached device; restage the volume", s.d.cfg.Attacher.Kind())
+		return nil, errorf(ErrFailedPrecondition, "the %s attacher cannot resize an attached device; restage the volume", st.attacherKind(s.d.cfg.Attacher))
 	}
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: int64(size)}, nil
 }

@@ -26,11 +26,15 @@ const (
 	ParamMaxActive       = "zone.max_active_zones"
 	ParamMaxAppend       = "zone.max_append_bytes"
 	ParamClusterSize     = "clusterSize"
+	ParamExporter        = "exporter"
 	provisionerPrefix    = "csi.storage.k8s.io/"
 	hostManaged          = "host-managed"
 	defaultVolumeSize    = 1 << 30
 	maxCapacityBytes     = 1 << 61 // qcow2's own limit on the virtual size
 	volumeContextNodeKey = "node"
+	// volumeContextExporterKey carries the exporter parameter to
+	// NodeStageVolume.
+	volumeContextExporterKey = "exporter"
 )
 
 // paramSynonyms maps accepted spellings to the canonical parameter name.
@@ -44,7 +48,45 @@ var paramSynonyms = map[string]string{
 }
 
 var knownParams = []string{ParamZoneMode, ParamZoneSize, ParamZoneCapacity, ParamConventional,
-	ParamMaxOpen, ParamMaxActive, ParamMaxAppend, ParamClusterSize}
+	ParamMaxOpen, ParamMaxActive, ParamMaxAppend, ParamClusterSize, ParamExporter}
+
+// Exporters a volume may ask for (the exporter parameter; it travels to
+// NodeStageVolume in the volume context under the same key). They name
+// how the node presents the volume, not anything in the image.
+const (
+	// ExporterAuto: ublk where the node has zoned ublk, else the node's
+	// ordinary attacher. The default.
+	ExporterAuto = "auto"
+	// ExporterUblk: a true host-managed zoned block device (/dev/ublkbN);
+	// staging fails on nodes without zoned ublk.
+	ExporterUblk = "ublk"
+	// ExporterNBD: the node's ordinary attacher (nbd, or fuse-loop or file
+	// where the node runs those): zones enforced, device not zoned.
+	ExporterNBD = "nbd"
+)
+
+// exporterOf returns the validated exporter of canonical parameters
+// (ExporterAuto when unset).
+func exporterOf(p map[string]string) (string, error) {
+	v, ok := p[ParamExporter]
+	if !ok {
+		return ExporterAuto, nil
+	}
+	if err := checkExporter(v); err != nil {
+		return "", errorf(ErrInvalidArgument, "parameter %s=%s: %w", ParamExporter, v, err)
+	}
+	return v, nil
+}
+
+var errExporterRule = errors.New("must be auto, ublk or nbd (auto: ublk where the node's kernel has zoned ublk, else nbd)")
+
+func checkExporter(v string) error {
+	switch v {
+	case ExporterAuto, ExporterUblk, ExporterNBD:
+		return nil
+	}
+	return errExporterRule
+}
 
 // mutableParams are the parameters ControllerModifyVolume (and a
 // VolumeAttributesClass at creation) may set: the open/active limits only
@@ -187,11 +229,14 @@ func buildSpec(p map[string]string, size uint64) (*volumeSpec, error) {
 	if m, ok := p[ParamZoneMode]; ok && m != hostManaged {
 		return nil, errorf(ErrInvalidArgument, "parameter %s=%s: only %s is supported", ParamZoneMode, m, hostManaged)
 	}
+	if _, err := exporterOf(p); err != nil {
+		return nil, err
+	}
 	opts := []string{ParamZoneMode + "=" + hostManaged}
 	for _, k := range slices.Sorted(maps.Keys(p)) {
 		name := k
 		switch k {
-		case ParamZoneMode:
+		case ParamZoneMode, ParamExporter: // not image options
 			continue
 		case ParamClusterSize:
 			name = "cluster_size"

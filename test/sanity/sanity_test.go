@@ -48,8 +48,9 @@ var paramSets = []paramSet{
 		expandSize: 16 * mib,
 	},
 	{
+		// exporter=auto on a node without zoned ublk: the file attacher.
 		name:       "conventional zones",
-		params:     map[string]string{"zone.size": "2M", "zone.conventional_zones": "2"},
+		params:     map[string]string{"zone.size": "2M", "zone.conventional_zones": "2", "exporter": "auto"},
 		mutable:    map[string]string{"zone.max_open_zones": "3"},
 		size:       16 * mib,
 		expandSize: 24 * mib,
@@ -63,9 +64,10 @@ var paramSets = []paramSet{
 		expandSize: 10 * mib,
 	},
 	{
+		// exporter=nbd: always the node's own attacher.
 		name: "limits and cluster size",
 		params: map[string]string{"zone.size": "512K", "zone.max_active_zones": "6", "zone.max_open_zones": "4",
-			"clusterSize": "16K"},
+			"clusterSize": "16K", "exporter": "nbd"},
 		mutable:    map[string]string{"zone.max_open_zones": "2", "zone.max_active_zones": "4"},
 		size:       4 * mib,
 		expandSize: 8 * mib,

@@ -136,7 +136,9 @@ func (a *Attacher) Attach(ctx context.Context, req nbdattach.AttachRequest) (*nb
 
 // Detach implements nbdattach.Attacher: STOP_DEV (the kernel writes back
 // and drains /dev/ublkbN through us), DEL_DEV, record removed. The backend
-// stays open: its owner closes it.
+// stays open: its owner closes it. A recorded device served by another
+// process (or by none, after a crash) is stopped through the control
+// device, if it still carries the volume's tag.
 func (a *Attacher) Detach(ctx context.Context, volumeID string) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -149,13 +151,84 @@ func (a *Attacher) Detach(ctx context.Context, volumeID string) error {
 		if err != nil {
 			return err
 		}
-		return fmt.Errorf("ublk: %q is recorded on %s but not served by this process (run Recover first)", volumeID, rec.DevicePath)
+		if err := stopRecorded(rec); err != nil {
+			return fmt.Errorf("ublk: detach %q: %w", volumeID, err)
+		}
+		return a.store.Remove(volumeID)
 	}
 	if err := s.dev.Stop(); err != nil {
 		return fmt.Errorf("ublk: detach %q: %w", volumeID, err)
 	}
 	delete(a.live, volumeID)
 	return a.store.Remove(volumeID)
+}
+
+// stopRecorded stops a recorded device this process does not serve:
+// another process serves it (its queue then ends, and it releases the
+// device), or its server died and the kernel keeps it for recovery (the
+// I/O it queued fails). A device that is gone already is fine; one that
+// carries another volume's tag is left alone.
+func stopRecorded(rec nbdattach.Attachment) error {
+	ctrl, err := OpenControl()
+	if err != nil {
+		return err
+	}
+	defer ctrl.Close()
+	info, err := ctrl.GetDevInfo(uint32(rec.Index))
+	if errors.Is(err, unix.ENODEV) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if info.ServerFlags != volumeTag(rec.VolumeID) {
+		return fmt.Errorf("%w: %s", ErrForeignDevice, rec.DevicePath)
+	}
+	if err := ctrl.StopDev(info.DevID); err != nil && !errors.Is(err, unix.ENODEV) {
+		return err
+	}
+	return DeleteDevice(ctrl, info.DevID)
+}
+
+// KernelState describes rec's device as the kernel sees it: "gone",
+// "foreign" (it carries another volume's tag), or its state ("live",
+// "quiesced": its server died and its I/O waits for Recover, "dead",
+// "fail-io"), with the pid of the process serving it.
+func KernelState(c *Control, rec nbdattach.Attachment) (string, int32, error) {
+	info, err := c.GetDevInfo(uint32(rec.Index))
+	if errors.Is(err, unix.ENODEV) {
+		return "gone", 0, nil
+	}
+	if err != nil {
+		return "", 0, err
+	}
+	if info.ServerFlags != volumeTag(rec.VolumeID) {
+		return "foreign", info.ServerPID, nil
+	}
+	switch info.State {
+	case StateLive:
+		return "live", info.ServerPID, nil
+	case StateQuiesced:
+		return "quiesced", info.ServerPID, nil
+	case StateDead:
+		return "dead", info.ServerPID, nil
+	case StateFailIO:
+		return "fail-io", info.ServerPID, nil
+	}
+	return fmt.Sprintf("state-%d", info.State), info.ServerPID, nil
+}
+
+// Served returns a channel closed when this process stops serving
+// volumeID's device (detached here or by another process, or abandoned),
+// and false when this process does not serve it.
+func (a *Attacher) Served(volumeID string) (<-chan struct{}, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := a.live[volumeID]
+	if s == nil {
+		return nil, false
+	}
+	return s.dev.Done(), true
 }
 
 // List implements nbdattach.Attacher.

@@ -9,6 +9,8 @@ import (
 	"runtime"
 	"sync"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // ControlPath is the ublk driver's control node.
@@ -168,6 +170,20 @@ func (c *Control) DelDevAsync(id uint32) error {
 	return err
 }
 
+// DeleteDevice deletes device id without waiting for openers of /dev/ublkbN
+// (DEL_DEV_ASYNC, falling back to DEL_DEV before Linux 6.9). A device
+// already deleted (by another process) is not an error.
+func DeleteDevice(c *Control, id uint32) error {
+	err := c.DelDevAsync(id)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
+		err = c.DelDev(id)
+	}
+	if errors.Is(err, unix.ENODEV) {
+		return nil
+	}
+	return err
+}
+
 // StartUserRecovery prepares a device whose server died (with
 // UBLK_F_USER_RECOVERY) for a new server.
 func (c *Control) StartUserRecovery(id uint32) error {
@@ -189,4 +205,28 @@ func (c *Control) Features() (uint64, error) {
 		return 0, err
 	}
 	return le.Uint64(buf), nil
+}
+
+// ErrNoZonedUblk: the ublk driver is loaded but cannot create zoned
+// devices.
+var ErrNoZonedUblk = errors.New("ublk: the kernel's ublk driver has no zoned devices (UBLK_F_ZONED needs Linux >= 6.6 with CONFIG_BLK_DEV_ZONED)")
+
+// CheckZoned tells whether this kernel can create the devices the
+// Attacher makes: /dev/ublk-control present (ErrNoUblk otherwise) and
+// UBLK_F_ZONED and UBLK_F_USER_COPY among the driver's features
+// (ErrNoZonedUblk otherwise). It returns the features.
+func CheckZoned() (uint64, error) {
+	c, err := OpenControl()
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	f, err := c.Features()
+	if err != nil {
+		return 0, fmt.Errorf("ublk: asking the driver for its features (GET_FEATURES, Linux >= 6.5): %w", err)
+	}
+	if f&FlagZoned == 0 || f&FlagUserCopy == 0 {
+		return f, fmt.Errorf("%w: features %#x", ErrNoZonedUblk, f)
+	}
+	return f, nil
 }

@@ -5,6 +5,7 @@ package ublk
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"runtime"
 	"sync"
@@ -56,7 +57,13 @@ type Device struct {
 
 	stopping  atomic.Bool
 	abandoned atomic.Bool
+	// After Abandon's queue loop: the ring and the descriptor mapping,
+	// closed by Abandon once the queue's thread has exited.
+	leftRing  *Ring
+	leftDescs []byte
+	tid       int // the queue thread's
 	done      chan error
+	ended     chan struct{} // closed when the queue loop has returned
 	stopOnce  sync.Once
 	stopErr   error
 }
@@ -110,7 +117,7 @@ func Start(b Backend, o Options) (_ *Device, err error) {
 		ctrl.Close()
 		return nil, err
 	}
-	d := &Device{ID: info.DevID, Info: info, ctrl: ctrl, h: h, depth: int(info.QueueDepth), onError: o.OnError, done: make(chan error, 1)}
+	d := &Device{ID: info.DevID, Info: info, ctrl: ctrl, h: h, depth: int(info.QueueDepth), onError: o.OnError, done: make(chan error, 1), ended: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			d.teardown()
@@ -175,7 +182,7 @@ func Recover(id uint32, b Backend, o Options) (_ *Device, err error) {
 		return nil, err
 	}
 	h.replayOK = info.Flags&FlagUserRecoveryReissue != 0
-	d := &Device{ID: id, Info: info, Params: params, ctrl: ctrl, h: h, depth: int(info.QueueDepth), onError: o.OnError, done: make(chan error, 1)}
+	d := &Device{ID: id, Info: info, Params: params, ctrl: ctrl, h: h, depth: int(info.QueueDepth), onError: o.OnError, done: make(chan error, 1), ended: make(chan struct{})}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		err = ctrl.StartUserRecovery(id)
@@ -236,11 +243,22 @@ func (d *Device) Counts() Counts { return d.h.snapshot() }
 // State returns the kernel's view of the device.
 func (d *Device) State() (DevInfo, error) { return d.ctrl.GetDevInfo(d.ID) }
 
+// Done is closed when the device's queue has ended: it was stopped (by
+// Stop, or by STOP_DEV from another process, such as "zq-csi ublk
+// detach") or abandoned. Stop still releases what this process holds.
+func (d *Device) Done() <-chan struct{} { return d.ended }
+
 // Stop removes the block device (serving its last I/O), ends the queue and
-// deletes the device.
+// deletes the device. A device another process stopped already only has
+// this process's side released.
 func (d *Device) Stop() error {
 	d.stopOnce.Do(func() {
-		err := d.ctrl.StopDev(d.ID)
+		var err error
+		select {
+		case <-d.ended:
+		default:
+			err = d.ctrl.StopDev(d.ID)
+		}
 		d.stopErr = errors.Join(err, d.teardown())
 	})
 	return d.stopErr
@@ -249,16 +267,67 @@ func (d *Device) Stop() error {
 // Abandon stops serving without stopping the device, as if this process
 // had died: with FlagUserRecovery the kernel keeps /dev/ublkbN and queues
 // its I/O until Recover in this or another process takes it over.
+//
+// The queue's thread exits (see serve), so the kernel cancels its fetches
+// in the exiting task, exactly as when the process is killed; only then
+// does Abandon close the ring and /dev/ublkcN, and it returns once the
+// kernel reports the device QUIESCED. Closing the ring while the thread
+// lives instead cancels the fetches in io_uring's asynchronous teardown,
+// where Linux 6.12 can hand a newly queued request to a fetch being
+// cancelled: the request is lost, the quiesce waits for it forever and
+// every later control command on the device hangs (seen in the VM lane:
+// ublk_quiesce_work_fn in ublk_wait_tagset_rqs_idle, a pwrite and a
+// control command in D state).
 func (d *Device) Abandon() error {
 	var err error
 	d.stopOnce.Do(func() {
 		d.abandoned.Store(true)
 		d.stopping.Store(true)
 		err = <-d.done
-		err = errors.Join(err, d.char.Close(), d.ctrl.Close())
+		err = errors.Join(err, waitThreadGone(d.tid, 5*time.Second))
+		if d.leftDescs != nil {
+			unix.Munmap(d.leftDescs)
+		}
+		if d.leftRing != nil {
+			err = errors.Join(err, d.leftRing.Close())
+		}
+		err = errors.Join(err, d.char.Close(), d.waitQuiesced(10*time.Second), d.ctrl.Close())
 		d.stopErr = errors.New("ublk: device abandoned")
 	})
 	return err
+}
+
+// waitThreadGone waits until thread tid of this process has exited.
+func waitThreadGone(tid int, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		if _, err := os.Stat(fmt.Sprintf("/proc/self/task/%d", tid)); errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("ublk: the queue thread %d has not exited after %v", tid, limit)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// waitQuiesced polls the device state until the kernel has quiesced it
+// (UBLK_S_DEV_QUIESCED) after its server went away.
+func (d *Device) waitQuiesced(limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		info, err := d.ctrl.GetDevInfo(d.ID)
+		if err != nil {
+			return fmt.Errorf("ublk: device %d after abandon: %w", d.ID, err)
+		}
+		if info.State == StateQuiesced {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("ublk: device %d still in state %d %v after its server went away, not QUIESCED", d.ID, info.State, limit)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // teardown ends the queue loop (giving the kernel's aborts a moment to
@@ -277,10 +346,7 @@ func (d *Device) teardown() error {
 	}
 	// DEL_DEV waits until every opener of /dev/ublkbN has closed it; a
 	// process still holding it must not hang the detach.
-	err := d.ctrl.DelDevAsync(d.ID)
-	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
-		err = d.ctrl.DelDev(d.ID)
-	}
+	err := DeleteDevice(d.ctrl, d.ID)
 	errs = append(errs, err, d.ctrl.Close())
 	return errors.Join(errs...)
 }
@@ -309,21 +375,55 @@ func (u userCopy) writeOut(p []byte, off int64) (int, error) {
 // tag to the task that fetched it, with its own ring. Requests are served
 // one at a time in arrival order; the block layer already keeps at most
 // one write per sequential zone in flight (zone write plugging).
+//
+// An abandoned queue (Abandon) returns with its thread still locked, so
+// the thread exits with the goroutine and the kernel cancels the thread's
+// fetches in task exit, as for a killed server.
 func (d *Device) serve(ready chan<- error) {
 	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
+	if unix.Gettid() == unix.Getpid() {
+		// The main thread never exits (Go wedges it instead): serve from
+		// another one. Holding the main thread until the new goroutine
+		// has locked its own keeps it off this one.
+		locked := make(chan struct{})
+		go func() {
+			runtime.LockOSThread()
+			close(locked)
+			d.serveLocked(ready)
+		}()
+		<-locked
+		runtime.UnlockOSThread()
+		return
+	}
+	d.serveLocked(ready)
+}
+
+// serveLocked runs the queue on the calling goroutine's locked thread.
+func (d *Device) serveLocked(ready chan<- error) {
 	err := d.loop(ready)
+	abandoned := d.abandoned.Load()
 	d.done <- err
+	close(d.ended)
+	if !abandoned {
+		runtime.UnlockOSThread()
+	}
 }
 
 func (d *Device) loop(ready chan<- error) (err error) {
+	d.tid = unix.Gettid()
 	fd := int(d.char.Fd())
 	ring, err := NewRing(uint32(d.depth), SetupSQE128)
 	if err != nil {
 		ready <- err
 		return err
 	}
-	defer ring.Close()
+	defer func() {
+		if d.abandoned.Load() {
+			d.leftRing = ring // closed by Abandon after this thread has exited
+			return
+		}
+		ring.Close()
+	}()
 	// Queue q's descriptors live at q * (the size for UBLK_MAX_QUEUE_DEPTH).
 	descs, err := unix.Mmap(fd, 0, cmdBufSize(d.depth, os.Getpagesize()), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
@@ -331,7 +431,13 @@ func (d *Device) loop(ready chan<- error) (err error) {
 		ready <- err
 		return err
 	}
-	defer unix.Munmap(descs)
+	defer func() {
+		if d.abandoned.Load() {
+			d.leftDescs = descs
+			return
+		}
+		unix.Munmap(descs)
+	}()
 	push := func(op uint32, c ioCmd) {
 		sqe := SQE{Opcode: OpURingCmd, Fd: int32(fd), Off: uint64(op), UserData: uint64(c.Tag)}
 		c.encode(sqe.Cmd[:])

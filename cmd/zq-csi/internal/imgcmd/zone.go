@@ -10,6 +10,7 @@ package imgcmd
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"math"
 	"syscall"
 
@@ -70,12 +71,19 @@ func ioZoneReport(s *ioSession, _ []opt, args []string) error {
 	if uint64(off) >= g.Size {
 		return nil
 	}
+	return WriteZoneReport(s.out, d.Report(g.ZoneIndex(uint64(off)), int(min(nr, int64(g.NrZones)))))
+}
+
+// WriteZoneReport writes zones as qemu-io's zone_report prints them, one
+// line per zone, addresses in 512-byte sectors. `zq-csi volume zones`
+// prints a staged volume's report the same way, so one parser reads both.
+func WriteZoneReport(w io.Writer, zones []zoned.ZoneReport) error {
 	var sb bytes.Buffer
-	for _, z := range d.Report(g.ZoneIndex(uint64(off)), int(min(nr, int64(g.NrZones)))) {
+	for _, z := range zones {
 		fmt.Fprintf(&sb, "start: 0x%x, len 0x%x, cap 0x%x, wptr 0x%x, zcond:%d, [type: %d]\n",
 			sectors(z.Start), sectors(z.Len), sectors(z.Cap), sectors(z.WP), z.Cond, z.Type)
 	}
-	_, err = s.out.Write(sb.Bytes())
+	_, err := w.Write(sb.Bytes())
 	return err
 }
 

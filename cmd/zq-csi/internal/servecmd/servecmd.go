@@ -20,6 +20,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/zq-csi/zq-csi/pkg/driver"
+	"github.com/zq-csi/zq-csi/pkg/driver/registration"
 	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 )
 
@@ -35,6 +36,8 @@ type options struct {
 	backend, kubeconfig                                             string
 	maxVolumes                                                      int64
 	verbosity                                                       string
+	exporter                                                        string
+	kubeletRegDir, kubeletRegPath                                   string
 }
 
 // envNames lists, per flag, the environment variables read when the flag
@@ -52,6 +55,10 @@ var envNames = map[string][]string{
 	"backend":     {"ZQ_CSI_BACKEND"},
 	"kubeconfig":  {"KUBECONFIG"},
 	"v":           {"ZQ_CSI_V"},
+	"exporter":    {"ZQ_CSI_EXPORTER"},
+
+	"kubelet-registration-dir":  {"ZQ_CSI_KUBELET_REGISTRATION_DIR"},
+	"kubelet-registration-path": {"ZQ_CSI_KUBELET_PLUGIN_SOCKET"},
 }
 
 const usage = `Usage: zq-csi serve [flags]
@@ -81,6 +88,9 @@ func Main(args []string, env Env) int {
 	fs.StringVar(&o.backend, "backend", "local", "where the controller keeps records and how image work reaches nodes: local (one process, --mode all) or cluster (ZonedVolume resources in the API server; node agents in --mode node do the image work)")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for --backend cluster (default: the in-cluster service account)")
 	fs.StringVar(&o.verbosity, "v", "0", "log verbosity (2: every CSI call, secrets stripped)")
+	fs.StringVar(&o.exporter, "exporter", "auto", "the exporters this node offers: auto (ublk as well as --attacher when /dev/ublk-control exists, or modprobe ublk_drv loads it, and the kernel has zoned ublk), nbd (--attacher only), or ublk (as auto, but fail at start without zoned ublk); volumes pick with their exporter parameter")
+	fs.StringVar(&o.kubeletRegDir, "kubelet-registration-dir", "", "the kubelet's plugins_registry directory: when set, the node plugin registers itself with the kubelet there (no csi-node-driver-registrar sidecar)")
+	fs.StringVar(&o.kubeletRegPath, "kubelet-registration-path", "", "the CSI socket's path as the kubelet dials it, on the host (default: the --endpoint path)")
 	fs.Usage = func() {
 		fmt.Fprint(env.Stderr, usage)
 		fs.VisitAll(func(f *flag.Flag) {
@@ -141,7 +151,7 @@ func fromEnv(fs *flag.FlagSet, getenv func(string) string) error {
 	return err
 }
 
-func run(ctx context.Context, o options, version string) error {
+func run(ctx context.Context, o options, version string) (err error) {
 	if o.stateDir == "" {
 		o.stateDir = filepath.Join(o.dataDir, "state")
 	}
@@ -177,10 +187,34 @@ func run(ctx context.Context, o options, version string) error {
 			defer s.Shutdown(context.Background())
 		}
 		cfg.Attacher = att
+		zatt, why, err := newZonedAttacher(o.exporter, filepath.Join(o.stateDir, "attach-ublk"))
+		if err != nil {
+			return err
+		}
+		if zatt != nil {
+			// A graceful stop leaves the devices to the next process's Recover.
+			defer zatt.Abandon()
+			cfg.ZonedAttacher = zatt
+		}
+		cfg.ZonedUnavailable = why
 	}
 	d, err := driver.New(cfg)
 	if err != nil {
 		return err
+	}
+	if cfg.Mode != driver.ModeController { // read by `zq-csi volume` and `kubectl zq`
+		if stopDebug, err := d.ServeDebug(filepath.Join(o.stateDir, driver.DebugSocketName)); err != nil {
+			klog.ErrorS(err, "No debug API on this node: zq-csi volume and kubectl zq will not reach it")
+		} else {
+			defer stopDebug()
+		}
+	}
+	if o.kubeletRegDir != "" {
+		var stopReg func() error
+		if ctx, stopReg, err = registerWithKubelet(ctx, o); err != nil {
+			return err
+		}
+		defer func() { err = errors.Join(err, stopReg()) }()
 	}
 	if kube == nil || cfg.Mode == driver.ModeController {
 		return d.Run(ctx, o.endpoint)
@@ -239,4 +273,50 @@ func newAttacher(kind, stateDir string) (nbdattach.Attacher, error) {
 		return newAttacher(chosen, filepath.Join(filepath.Dir(stateDir), "attach-"+chosen))
 	}
 	return nil, fmt.Errorf("--attacher=%s: must be nbd, fuse-loop, auto or file", kind)
+}
+
+// registerWithKubelet serves the kubelet's plugin registration API beside
+// the CSI socket (pkg/driver/registration). The returned context ends with
+// parent or when registration fails; stop ends registration and returns
+// its error.
+func registerWithKubelet(parent context.Context, o options) (ctx context.Context, stop func() error, err error) {
+	if driver.Mode(o.mode) == driver.ModeController {
+		return nil, nil, errors.New("--kubelet-registration-dir: only the node plugin (--mode node or all) registers with the kubelet")
+	}
+	local := ""
+	if p, ok := strings.CutPrefix(o.endpoint, "unix://"); ok {
+		local = p
+	} else if !strings.Contains(o.endpoint, "://") {
+		local = o.endpoint
+	}
+	endpoint := o.kubeletRegPath
+	if endpoint == "" {
+		endpoint = local
+	}
+	ctx, cancel := context.WithCancel(parent)
+	errc := make(chan error, 1)
+	go func() {
+		err := registration.Serve(ctx, registration.Config{
+			DriverName: o.driverName, Endpoint: endpoint, Dir: o.kubeletRegDir, WaitFor: local,
+			OnStatus: func(err error) {
+				if err != nil {
+					klog.ErrorS(err, "Kubelet plugin registration failed; the kubelet retries", "driver", o.driverName)
+					return
+				}
+				klog.InfoS("Registered with the kubelet", "driver", o.driverName, "endpoint", endpoint)
+			},
+		})
+		if err != nil {
+			cancel()
+		}
+		errc <- err
+	}()
+	klog.InfoS("Serving kubelet plugin registration", "socket", registration.SocketPath(o.kubeletRegDir, o.driverName), "endpoint", endpoint)
+	return ctx, func() error {
+		cancel()
+		if err := <-errc; err != nil {
+			return fmt.Errorf("kubelet registration: %w", err)
+		}
+		return nil
+	}, nil
 }

@@ -2,6 +2,7 @@ package servecmd
 
 import (
 	"bytes"
+	"os"
 	"strings"
 	"testing"
 )
@@ -40,5 +41,39 @@ func TestBackendFlag(t *testing.T) {
 		if code != 1 || !strings.Contains(stderr.String(), tc.want) {
 			t.Errorf("%v: exit %d, stderr %q; want exit 1 and %q", tc.args, code, stderr.String(), tc.want)
 		}
+	}
+}
+
+func TestExporterFlag(t *testing.T) {
+	_, statErr := os.Stat("/dev/ublk-control")
+	for _, tc := range []struct {
+		args []string
+		env  map[string]string
+		want string
+		skip bool
+	}{
+		{args: []string{"--exporter", "zoned"}, want: "--exporter=zoned: must be auto, nbd or ublk"},
+		{env: map[string]string{"ZQ_CSI_EXPORTER": "UBLK"}, want: "--exporter=UBLK: must be auto, nbd or ublk"},
+		// Required but missing: the node plugin does not start, and says
+		// what the node lacks.
+		{args: []string{"--exporter", "ublk"}, want: "--exporter=ublk: /dev/ublk-control is missing and modprobe ublk_drv failed", skip: statErr == nil},
+	} {
+		if tc.skip {
+			t.Logf("SKIPPED %v: this host has /dev/ublk-control", tc.args)
+			continue
+		}
+		var stderr bytes.Buffer
+		args := append([]string{"--data-dir", t.TempDir(), "--node-id", "n1", "--attacher", "file", "--endpoint", "unix://" + t.TempDir() + "/csi.sock"}, tc.args...)
+		code := Main(args, Env{Stdout: &stderr, Stderr: &stderr, Getenv: func(k string) string { return tc.env[k] }})
+		if code != 1 || !strings.Contains(stderr.String(), tc.want) {
+			t.Errorf("%v %v: exit %d, stderr %q; want exit 1 and %q", tc.args, tc.env, code, stderr.String(), tc.want)
+		}
+	}
+}
+
+func TestNewZonedAttacherNBD(t *testing.T) {
+	a, why, err := newZonedAttacher("nbd", t.TempDir())
+	if a != nil || err != nil || !strings.Contains(why, "--exporter=nbd") {
+		t.Fatalf("--exporter=nbd: %v %q %v; want no zoned attacher, and why", a, why, err)
 	}
 }

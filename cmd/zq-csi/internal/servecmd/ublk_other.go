@@ -1,0 +1,13 @@
+//go:build !linux
+
+package servecmd
+
+import "errors"
+
+func probeZonedUblk() error {
+	return errors.New("no zoned ublk: ublk is a Linux driver")
+}
+
+func newUblkAttacher(string) (zonedAttacher, error) {
+	return nil, errors.New("the ublk attacher needs Linux")
+}
