@@ -5,11 +5,11 @@
 #   docker.io/zq-csi/zq-csi:e2e                       this work tree's zq-csi
 #   registry.k8s.io/sig-storage/csi-{provisioner,resizer,snapshotter}:<pinned>
 #                                                     from build-sidecars.sh
-#   docker.io/zq-csi/e2e-registrar:e2e                test/e2e/tools/registrar
 #   registry.k8s.io/pause:3.10                        test/e2e/tools/pause
 #   docker.io/zq-csi/e2e-tools:e2e                    Debian's static busybox
-# Sidecar, registrar, pause and tools tarballs are cached (keyed on their
-# versions, or the tools' source hash); zq-csi's is rebuilt every time.
+# Sidecar, pause and tools tarballs are cached (keyed on their versions, or
+# the tools' source hash); zq-csi's is rebuilt every time. No registrar
+# image: the node plugin registers itself with the kubelet (values-e2e.yaml).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -21,7 +21,7 @@ mkdir -p "$out"
 # The helper tools, keyed on their source.
 thash=$(cd "$root/test/e2e/tools" && find . -type f \( -name '*.go' -o -name 'go.*' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 tools=$ZQ_CACHE/tools/e2e-$thash
-if [ ! -x "$tools/imgpack" ] || [ ! -x "$tools/registrar" ] || [ ! -x "$tools/pause" ]; then
+if [ ! -x "$tools/imgpack" ] || [ ! -x "$tools/pause" ]; then
   mkdir -p "$tools"
   (cd "$root/test/e2e/tools" && GOFLAGS="-buildvcs=false -mod=mod" go build -trimpath -ldflags "-s -w" -o "$tools/" ./...)
 fi
@@ -36,8 +36,6 @@ for s in csi-provisioner:$PROVISIONER_VERSION csi-resizer:$RESIZER_VERSION csi-s
   t=$out/$n-$v.tar
   [ -f "$t" ] || pack -o "$t" -t "registry.k8s.io/sig-storage/$n:$v" -entrypoint "/$n" -add "$ZQ_CACHE/sidecars/$n-$v/$n:/$n"
 done
-t=$out/e2e-registrar-$thash.tar
-[ -f "$t" ] || pack -o "$t" -t docker.io/zq-csi/e2e-registrar:e2e -entrypoint /registrar -add "$tools/registrar:/registrar"
 t=$out/pause-$thash.tar
 [ -f "$t" ] || pack -o "$t" -t registry.k8s.io/pause:3.10 -entrypoint /pause -add "$tools/pause:/pause"
 

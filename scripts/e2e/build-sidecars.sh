@@ -8,7 +8,8 @@
 # module source (`go mod download`, copy, `go build ./cmd/<name>`); the
 # snapshotter's go.mod replaces its client/v8 module with ./client, so that
 # module's source is copied there. The proxy refuses node-driver-registrar
-# altogether: the e2e lane uses test/e2e/tools/registrar instead.
+# altogether: the e2e lane runs without it (the node plugin registers
+# itself with the kubelet).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/versions.sh"

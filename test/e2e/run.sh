@@ -6,9 +6,9 @@
 # (scripts/e2e/versions.sh), so a second run only rebuilds zq-csi.
 #
 # This machine has no nbd module, so the node plugin's `auto` attacher
-# picks FUSE + loop: pods get a real /dev/loopN. The zone-rule, persistence
-# and restored-data tests inside pods are not written yet and are reported
-# as skipped.
+# picks FUSE + loop: pods get a real /dev/loopN on which the zone rules hold.
+# There is no registrar sidecar: the node plugin registers itself with the
+# kubelet.
 #
 # Environment: ZQ_E2E_KEEP=1 leaves the cluster up after the tests
 # (tear down with scripts/e2e/cluster.sh down); ZQ_E2E_BACKEND=local runs
@@ -96,8 +96,17 @@ t_registered() {
   echo "CSINode $NODE_NAME: $DRIVER topologyKeys=$keys"
   [[ $keys == *topology.zq-csi/node* ]]
   [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.metadata.labels.topology\.zq-csi/node}')" = "$NODE_NAME" ]
+  # By the plugin itself (values-e2e.yaml: no registrar sidecar).
+  local np; np=$(kubectl -n kube-system get pods -l app.kubernetes.io/component=node -o name)
+  local containers; containers=$(kubectl -n kube-system get "$np" -o jsonpath='{.spec.containers[*].name}')
+  echo "node plugin pod $np: containers $containers"
+  [ "$containers" = zq-csi ]
+  [ -S "$E2E_DIR/kubelet/plugins_registry/$DRIVER-reg.sock" ]
+  echo "registration socket $E2E_DIR/kubelet/plugins_registry/$DRIVER-reg.sock"
+  wait_for 30 "the plugin's log to report the kubelet's registration" bash -c "'$BIN/kubectl' -n kube-system logs $np | grep -q 'Registered with the kubelet'"
+  kubectl -n kube-system logs "$np" | grep 'Registered with the kubelet' | head -1
 }
-run_test "node plugin registered with the kubelet (CSINode, topology label)" t_registered
+run_test "node plugin registered itself with the kubelet (CSINode, topology label, no registrar sidecar)" t_registered
 
 t_capacity() {
   wait_for 90 "CSIStorageCapacity for $SC" bash -c "'$BIN/kubectl' -n kube-system get csistoragecapacities -o jsonpath='{.items[?(@.storageClassName==\"$SC\")].capacity}' | grep -q ."
@@ -106,6 +115,8 @@ t_capacity() {
 run_test "CSIStorageCapacity published for the node" t_capacity
 
 kubectl create namespace e2e >/dev/null
+# Data the tests wrote, kept on the host to compare with what pods read.
+datadir=$(mktemp -d)
 kubectl -n e2e wait --for=jsonpath='{.metadata.name}'=default serviceaccount/default --timeout=60s >/dev/null 2>&1 || true
 pvc() { # name size [storageclass]
   kubectl -n e2e apply -f - >/dev/null <<Y
@@ -220,8 +231,85 @@ t_blockdev() {
   [ "$got" = $((512 * MiB)) ]
 }
 run_test "pod sees a block device of the right size (fuse-loop attacher: no nbd here)" t_blockdev
-skip "write at the write pointer / EIO elsewhere / blkdiscard resets a zone (in a pod)" "not written yet (the fuse-loop attacher now gives pods a device)"
-skip "data persists across pod re-creation" "not written yet"
+# I/O inside the pods, on /dev/zq0, with O_DIRECT in 4 KiB blocks (a
+# multiple of the device's logical block size) so every write reaches the
+# zone engine as issued. The data comes from the host and goes back to it,
+# where cmp compares it with what was written.
+#   zwrite POD OFFSET FILE    writes FILE at byte OFFSET
+#   zread POD OFFSET BYTES    prints BYTES from byte OFFSET
+#   zrefused POD OFFSET       a 4 KiB write at OFFSET must fail with EIO
+zwrite() {
+  local out
+  out=$(kubectl -n e2e exec -i "$1" -- dd of=/dev/zq0 bs=4096 seek=$(($2 / 4096)) oflag=direct conv=notrunc iflag=fullblock 2>&1 < "$3") ||
+    { echo "$1: a write at $2 failed: $out"; return 1; }
+  echo "$1: wrote $(stat -c %s "$3") bytes at $2"
+}
+zread() {
+  kubectl -n e2e exec "$1" -- dd if=/dev/zq0 bs=4096 skip=$(($2 / 4096)) count=$(($3 / 4096)) iflag=direct 2>/dev/null
+}
+zrefused() {
+  local out
+  if out=$(head -c 4096 /dev/urandom | kubectl -n e2e exec -i "$1" -- dd of=/dev/zq0 bs=4096 count=1 seek=$(($2 / 4096)) oflag=direct conv=notrunc iflag=fullblock 2>&1); then
+    echo "$1: a write at $2 succeeded; want EIO"; return 1
+  fi
+  if ! grep -q 'Input/output error' <<<"$out"; then echo "$1: a write at $2 failed, but not with EIO: $out"; return 1; fi
+  echo "$1: write at $2 refused: Input/output error"
+}
+# same FILE1 FILE2: cmp, saying what differed.
+same() { cmp "$1" "$2" && echo "read back $(stat -c %s "$1") bytes: same as written"; }
+# Zones used on PVC data, each by one test: the first three sequential
+# zones (conventional zones come first and take writes anywhere). The zone
+# geometry is the PV's, not assumed.
+geometry() { # pvc -> sets zsz (zone size) and z1, z2, z3 (byte offsets)
+  local pv; pv=$(kubectl -n e2e get pvc "$1" -o jsonpath='{.spec.volumeName}')
+  zsz=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeAttributes.zone\.size}')
+  local conv nr; conv=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeAttributes.zone\.conventional_zones}')
+  nr=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeAttributes.zone\.nr_zones}')
+  [ -n "$zsz" ] && [ -n "$conv" ] && [ $((nr - conv)) -ge 3 ] || { echo "PV $pv: zone.size=$zsz conventional_zones=$conv nr_zones=$nr: want 3 sequential zones"; return 1; }
+  z1=$(((conv + 0) * zsz)) z2=$(((conv + 1) * zsz)) z3=$(((conv + 2) * zsz))
+}
+
+t_zone_rules() { # zone z1 of PVC data, in pod user
+  geometry data
+  echo "zone size $zsz; this test uses the zone at $z1"
+  head -c 4096 /dev/urandom > "$datadir/a"; head -c 4096 /dev/urandom > "$datadir/b"
+  zwrite user "$z1" "$datadir/a"                # at the write pointer (the zone is empty)
+  zread user "$z1" 4096 > "$datadir/got"; same "$datadir/a" "$datadir/got"
+  zrefused user $((z1 + MiB))                   # ahead of the write pointer
+  zrefused user "$z1"                           # behind it (over written data)
+  zwrite user $((z1 + 4096)) "$datadir/b"       # at the advanced write pointer
+  # Reset: a discard of the whole zone.
+  kubectl -n e2e exec user -- blkdiscard -o "$z1" -l "$zsz" /dev/zq0
+  echo "user: blkdiscard -o $z1 -l $zsz"
+  zread user "$z1" 8192 > "$datadir/got"
+  head -c 8192 /dev/zero > "$datadir/zero"
+  cmp "$datadir/zero" "$datadir/got"; echo "the reset zone reads as zeros"
+  zwrite user "$z1" "$datadir/b"                # at the zone start again
+  zread user "$z1" 4096 > "$datadir/got"; same "$datadir/b" "$datadir/got"
+  cp "$datadir/b" "$datadir/z1"                 # zone z1 now: b, write pointer 4 KiB
+}
+run_test "in a pod: a write at the write pointer succeeds, writes elsewhere fail with EIO, blkdiscard of a zone resets it" t_zone_rules
+
+t_persist() { # zone z2 of PVC data: written by pod user, read by its successor
+  geometry data
+  local pv; pv=$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')
+  local uid; uid=$(kubectl -n e2e get pod user -o jsonpath='{.metadata.uid}')
+  head -c 8192 /dev/urandom > "$datadir/c"; head -c 4096 /dev/urandom > "$datadir/d"
+  zwrite user "$z2" "$datadir/c"
+  delete_pod user "$pv"
+  pod user data
+  wait_for 120 "the new pod user Running" bash -c "[ \"\$('$BIN/kubectl' -n e2e get pod user -o jsonpath='{.status.phase}')\" = Running ]"
+  [ "$(kubectl -n e2e get pod user -o jsonpath='{.metadata.uid}')" != "$uid" ]
+  echo "pod user re-created ($uid -> $(kubectl -n e2e get pod user -o jsonpath='{.metadata.uid}'))"
+  zread user "$z2" 8192 > "$datadir/got"; same "$datadir/c" "$datadir/got"
+  [ -f "$datadir/z1" ] && { zread user "$z1" 4096 > "$datadir/got"; same "$datadir/z1" "$datadir/got"; }
+  # The write pointer came back too: behind it is refused, at it works.
+  zrefused user "$z2"
+  zrefused user $((z2 + 4096))
+  zwrite user $((z2 + 8192)) "$datadir/d"
+  cat "$datadir/c" "$datadir/d" > "$datadir/z2"  # zone z2 now: c d, write pointer 12 KiB
+}
+run_test "data and write pointers persist across pod deletion and re-creation" t_persist
 t_snapshot() {
   kubectl -n e2e apply -f - >/dev/null <<Y
 apiVersion: snapshot.storage.k8s.io/v1
@@ -249,14 +337,59 @@ Y
   local pv; pv=$(kubectl -n e2e get pvc restored -o jsonpath='{.spec.volumeName}')
   [ "$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeAttributes.zone\.nr_zones}')" = 8 ]
   echo "restored into $pv ($(kubectl get pv "$pv" -o jsonpath='{.spec.capacity.storage}'), 8 zones)"
+}
+run_test "VolumeSnapshot is ready; restoring it to a new PVC binds (controller side)" t_snapshot
+
+t_restored() { # pod user2 on PVC restored: zones z1 and z2 as the snapshot saw them
+  [ -f "$datadir/z1" ] && [ -f "$datadir/z2" ] || { echo "the zone-rule and persistence tests wrote no data to compare"; return 1; }
+  geometry restored
+  wait_for 120 "pod user2 Running" bash -c "[ \"\$('$BIN/kubectl' -n e2e get pod user2 -o jsonpath='{.status.phase}')\" = Running ]"
+  zread user2 "$z1" 4096 > "$datadir/got"; same "$datadir/z1" "$datadir/got"
+  zread user2 "$z2" 12288 > "$datadir/got"; same "$datadir/z2" "$datadir/got"
+  # The write pointers travelled with the data: behind them is refused,
+  # at them works; the untouched zone z3 is still empty.
+  zrefused user2 "$z1"
+  zrefused user2 $((z2 + 8192))
+  head -c 4096 /dev/urandom > "$datadir/e"
+  zwrite user2 $((z2 + 12288)) "$datadir/e"
+  zwrite user2 $((z1 + 4096)) "$datadir/e"
+  zwrite user2 "$z3" "$datadir/e"
+  # The source volume is a different image: its zone z2 still ends at 12 KiB.
+  zread user $((z2 + 12288)) 4096 > "$datadir/got"
+  head -c 4096 /dev/zero > "$datadir/zero"
+  cmp "$datadir/zero" "$datadir/got"; echo "user: data's zone at $z2 unchanged past its write pointer by writes to the restored volume"
+}
+run_test "the restored volume has the snapshot's data and write pointers (in a pod)" t_restored
+
+t_snapshot_delete() {
+  local pv; pv=$(kubectl -n e2e get pvc restored -o jsonpath='{.spec.volumeName}')
+  local h; h=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')
   delete_pod user2 "$pv"
   kubectl -n e2e delete pvc restored --wait=true --timeout=60s >/dev/null
   kubectl -n e2e delete volumesnapshot snap --wait=true --timeout=60s >/dev/null
   wait_for 60 "snapshot image deleted" bash -c "[ -z \"\$(ls '$E2E_DIR/data/snapshots' 2>/dev/null)\" ]"
+  wait_for 30 "image of $h deleted" bash -c "[ ! -e '$E2E_DIR/data/volumes/$h.qcow2' ]"
+  echo "restored volume $h and the snapshot's image gone"
 }
-run_test "VolumeSnapshot is ready; restoring it to a new PVC binds (controller side)" t_snapshot
-skip "restore has the same data and write pointers" "not written yet"
-skip "helm test" "not run yet with the fuse-loop attacher"
+run_test "deleting the restored PVC and the VolumeSnapshot deletes their images" t_snapshot_delete
+
+t_helm_test() {
+  # values-e2e.yaml turns tests.checkZoneRules on: the hook's pod also
+  # checks that writes away from the write pointer fail with EIO.
+  # helm deletes the hook's pod as soon as it passes (hook-succeeded), so
+  # --logs cannot fetch them: follow them while it runs instead.
+  local rc=0
+  "$helm" test zq-csi -n kube-system --timeout 180s > "$datadir/helm-test" 2>&1 &
+  local h=$!
+  wait_for 180 "the test pod's container to start" bash -c "! kill -0 $h || '$BIN/kubectl' -n kube-system get pod zq-csi-test -o jsonpath='{.status.containerStatuses[0].state}' | grep -q -e running -e terminated" || true
+  kubectl -n kube-system logs -f zq-csi-test 2>&1 | sed 's/^/zq-csi-test: /' || true
+  wait "$h" || rc=$?
+  grep -v '^ *$' "$datadir/helm-test" | sed -n '/^TEST SUITE/,/^NOTES/p' | grep -v NOTES
+  # The hook deletes its pod and PVC when it passes; not when it fails.
+  kubectl -n kube-system delete pod/zq-csi-test pvc/zq-csi-test --ignore-not-found --wait=true --timeout=60s >/dev/null || true
+  return $rc
+}
+run_test "helm test (the chart's hook writes a zoned volume in a pod and checks the zone rules)" t_helm_test
 
 t_expand() {
   local pv; pv=$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')
@@ -297,6 +430,7 @@ Y
 run_test "an invalid StorageClass parameter leaves the PVC Pending with an event naming it" t_invalid
 
 
+rm -rf "$datadir"
 teardown
 echo
 echo "=== e2e results"
