@@ -379,10 +379,23 @@ func (s *nodeServer) stagedAt(id, path string) (*StagedVolume, error) {
 	if err != nil {
 		return nil, errorf(ErrNotFound, "volume %s is not staged on this node", id)
 	}
-	if _, ok := st.Targets[path]; !ok && path != st.StagingPath {
+	if _, ok := st.Targets[path]; !ok && path != st.StagingPath && !sameBlockDevice(path, st.DevicePath) {
 		return nil, errorf(ErrNotFound, "volume %s is not published at %s", id, path)
 	}
 	return st, nil
+}
+
+// sameBlockDevice reports whether path is a node of the block device at
+// dev. The kubelet asks for a raw block volume's stats (and expansion) at
+// paths of its own, such as the global map path
+// <kubelet>/plugins/kubernetes.io/csi/volumeDevices/<pv>/dev/<pod-uid>,
+// which it bind-mounts from the published device.
+func sameBlockDevice(path, dev string) bool {
+	var a, b unix.Stat_t
+	if dev == "" || unix.Stat(path, &a) != nil || unix.Stat(dev, &b) != nil {
+		return false
+	}
+	return a.Mode&unix.S_IFMT == unix.S_IFBLK && b.Mode&unix.S_IFMT == unix.S_IFBLK && a.Rdev == b.Rdev
 }
 
 func (s *nodeServer) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {

@@ -238,10 +238,30 @@ run_test "pod sees a block device of the right size (fuse-loop attacher: no nbd 
 #   zwrite POD OFFSET FILE    writes FILE at byte OFFSET
 #   zread POD OFFSET BYTES    prints BYTES from byte OFFSET
 #   zrefused POD OFFSET       a 4 KiB write at OFFSET must fail with EIO
+# pod_dd POD OFFSET FILE: dd FILE onto /dev/zq0 at OFFSET in POD through
+# `kubectl exec -i`; prints dd's output, returns its status. The stdin of
+# `kubectl exec -i` sometimes reaches the pod empty (dd then reads nothing,
+# writes nothing and says "0+0 records in"), more often in the first
+# seconds of a pod: nothing was written then, so it is sent again.
+pod_dd() {
+  local out rc try
+  for try in 1 2 3 4 5; do
+    rc=0
+    out=$(kubectl -n e2e exec -i "$1" -- dd of=/dev/zq0 bs=4096 seek=$(($2 / 4096)) oflag=direct conv=notrunc iflag=fullblock 2>&1 < "$3") || rc=$?
+    if [ "$rc" = 0 ] && grep -q '^0+0 records in' <<<"$out"; then
+      echo "$1: kubectl exec delivered no input (try $try); sending it again" >&2
+      continue
+    fi
+    echo "$out"
+    return $rc
+  done
+  echo "$1: kubectl exec delivered no input in 5 tries"
+  return 1
+}
 zwrite() {
-  local out
-  out=$(kubectl -n e2e exec -i "$1" -- dd of=/dev/zq0 bs=4096 seek=$(($2 / 4096)) oflag=direct conv=notrunc iflag=fullblock 2>&1 < "$3") ||
-    { echo "$1: a write at $2 failed: $out"; return 1; }
+  local out want=$(($(stat -c %s "$3") / 4096))
+  out=$(pod_dd "$1" "$2" "$3") || { echo "$1: a write at $2 failed: $out"; return 1; }
+  grep -q "^$want+0 records out" <<<"$out" || { echo "$1: a write at $2 wrote less than $want blocks: $out"; return 1; }
   echo "$1: wrote $(stat -c %s "$3") bytes at $2"
 }
 zread() {
@@ -249,8 +269,9 @@ zread() {
 }
 zrefused() {
   local out
-  if out=$(head -c 4096 /dev/urandom | kubectl -n e2e exec -i "$1" -- dd of=/dev/zq0 bs=4096 count=1 seek=$(($2 / 4096)) oflag=direct conv=notrunc iflag=fullblock 2>&1); then
-    echo "$1: a write at $2 succeeded; want EIO"; return 1
+  head -c 4096 /dev/urandom > "$datadir/refused"
+  if out=$(pod_dd "$1" "$2" "$datadir/refused"); then
+    echo "$1: a write at $2 succeeded; want EIO: $out"; return 1
   fi
   if ! grep -q 'Input/output error' <<<"$out"; then echo "$1: a write at $2 failed, but not with EIO: $out"; return 1; fi
   echo "$1: write at $2 refused: Input/output error"
@@ -289,6 +310,31 @@ t_zone_rules() { # zone z1 of PVC data, in pod user
   cp "$datadir/b" "$datadir/z1"                 # zone z1 now: b, write pointer 4 KiB
 }
 run_test "in a pod: a write at the write pointer succeeds, writes elsewhere fail with EIO, blkdiscard of a zone resets it" t_zone_rules
+
+# kubectl zq: the same binary as kubectl-zq on PATH, as a user installs it.
+zqbin=$(mktemp -d)
+ln -s "$ZQ_E2E_IMAGES/zq-csi-bin/zq-csi" "$zqbin/kubectl-zq"
+kzq() { PATH="$zqbin:$BIN:$PATH" kubectl zq "$@"; }
+t_kubectl_zq() { # zone z1 of PVC data holds 4 KiB (t_zone_rules), pod user runs
+  geometry data
+  local pv cap nr out
+  pv=$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')
+  cap=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeAttributes.zone\.capacity}')
+  nr=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeAttributes.zone\.nr_zones}')
+  out=$(kzq zones data -n e2e --start $((z1 / zsz)) --count 1); echo "$out"
+  # qemu-io's zrp line: sectors; implicitly open (2) or closed (4), sequential (type 2)
+  grep -Eq "^$(printf 'start: 0x%x, len 0x%x, cap 0x%x, wptr 0x%x' $((z1 / 512)) $((zsz / 512)) $((cap / 512)) $(((z1 + 4096) / 512))), zcond:[24], \[type: 2\]$" <<<"$out"
+  [ "$(kzq zones data -n e2e | wc -l)" = "$nr" ] || { echo "kubectl zq zones: not $nr lines"; return 1; }
+  kzq zones data -n e2e -o json --start $((z1 / zsz)) --count 1 | grep -q "\"wptr\": $((z1 + 4096)),"
+  out=$(kzq describe data -n e2e); echo "$out"
+  grep -q "^Node: *$NODE_NAME " <<<"$out"
+  grep -Eq "^Attachment: *fuse-loop, generation [0-9]+" <<<"$out"
+  grep -q "^Device open: *yes" <<<"$out"
+  grep -q "^Zone states: *conv=" <<<"$out"
+  if out=$(kzq zones nope -n e2e 2>&1); then echo "kubectl zq zones of a missing PVC succeeded: $out"; return 1; fi
+  grep -q 'PVC "nope" not found in namespace "e2e"' <<<"$out"; echo "missing PVC: $out"
+}
+run_test "kubectl zq zones/describe show the live write pointer and the attachment of PVC data" t_kubectl_zq
 
 t_persist() { # zone z2 of PVC data: written by pod user, read by its successor
   geometry data
@@ -403,6 +449,10 @@ t_delete() {
   local pv; pv=$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')
   local h; h=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')
   delete_pod user "$pv"
+  # No pod: the volume is unstaged, and kubectl zq says so.
+  local err; if err=$(kzq zones data -n e2e 2>&1); then echo "kubectl zq zones of an unstaged volume succeeded"; return 1; fi
+  grep -q "of PVC e2e/data is not staged on node $NODE_NAME" <<<"$err"; echo "unstaged: $err"
+  kzq describe data -n e2e | grep -q "^Staged: no;"
   kubectl -n e2e delete pvc data --wait=true --timeout=60s >/dev/null
   wait_for 60 "PV $pv deleted" bash -c "! '$BIN/kubectl' get pv $pv >/dev/null 2>&1"
   wait_for 30 "image of $h deleted" bash -c "[ ! -e '$E2E_DIR/data/volumes/$h.qcow2' ]"
@@ -430,7 +480,7 @@ Y
 run_test "an invalid StorageClass parameter leaves the PVC Pending with an event naming it" t_invalid
 
 
-rm -rf "$datadir"
+rm -rf "$datadir" "$zqbin"
 teardown
 echo
 echo "=== e2e results"
