@@ -1020,3 +1020,54 @@ func TestUblkZonedBtrfs(t *testing.T) {
 		t.Errorf("btrfs did not use the zoned device with zone append (zoned=%v, appends %d)", zonedFS, c.Appends)
 	}
 }
+
+// TestUblkReadOnly attaches a volume read-only: the kernel marks the
+// device read-only (UBLK_ATTR_READ_ONLY), so writes are refused before
+// they reach the server, and reads work.
+func TestUblkReadOnly(t *testing.T) {
+	requireUblk(t)
+	ctx := t.Context()
+	dir := t.TempDir()
+	img := filepath.Join(dir, "ro.qcow2")
+	zs := uint64(4 << 20)
+	if _, err := qcow2.Create(img, qcow2.CreateOptions{Size: 16 << 20, Zoned: &qcow2.ZonedOptions{ZoneSize: &zs}}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := zoned.Open(img, zoned.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	a, err := ublk.NewAttacher(ublk.AttacherOptions{StateDir: filepath.Join(dir, "state")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	att, err := a.Attach(ctx, nbdattach.AttachRequest{VolumeID: "vol-ro", ImagePath: img, Backend: nbdattach.ZonedBackend{D: d}, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Detach(ctx, "vol-ro")
+	ro, err := os.ReadFile("/sys/block/" + filepath.Base(att.DevicePath) + "/ro")
+	if err != nil || strings.TrimSpace(string(ro)) != "1" {
+		t.Fatalf("%s: ro = %q (%v), want 1", att.DevicePath, ro, err)
+	}
+	if f, err := os.OpenFile(att.DevicePath, os.O_WRONLY, 0); err == nil {
+		_, werr := f.Write(make([]byte, 4096))
+		f.Close()
+		if werr == nil {
+			t.Fatalf("a write to the read-only %s succeeded", att.DevicePath)
+		}
+		t.Logf("write refused: %v", werr)
+	} else {
+		t.Logf("open for writing refused: %v", err)
+	}
+	f, err := os.Open(att.DevicePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(make([]byte, 4096), 0); err != nil {
+		t.Fatalf("read from the read-only %s: %v", att.DevicePath, err)
+	}
+	fmt.Printf("ZQVM: UBLK READ-ONLY %s: ro=1, writes refused by the kernel, reads work\n", att.DevicePath)
+}

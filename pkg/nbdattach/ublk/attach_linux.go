@@ -118,7 +118,12 @@ func (a *Attacher) Attach(ctx context.Context, req nbdattach.AttachRequest) (*nb
 	if rec, err := a.store.Get(req.VolumeID); err == nil {
 		return nil, fmt.Errorf("ublk: %q is recorded on %s but not served by this process (run Recover first)", req.VolumeID, rec.DevicePath)
 	}
-	dev, err := Start(b, a.devOptions(req.VolumeID))
+	o := a.devOptions(req.VolumeID)
+	o.ReadOnly = req.ReadOnly
+	if r, ok := req.Backend.(nbdattach.ReadOnlyer); ok && r.ReadOnly() {
+		o.ReadOnly = true
+	}
+	dev, err := Start(b, o)
 	if err != nil {
 		return nil, err
 	}

@@ -31,6 +31,9 @@ type Options struct {
 	Tag uint64
 	// OnError receives errors of the serving loop (nil: dropped).
 	OnError func(error)
+	// ReadOnly marks the block device read-only (UBLK_ATTR_READ_ONLY):
+	// the kernel refuses writes before they reach the server.
+	ReadOnly bool
 }
 
 func (o *Options) defaults() {
@@ -128,6 +131,9 @@ func Start(b Backend, o Options) (_ *Device, err error) {
 	}
 	h.replayOK = info.Flags&FlagUserRecoveryReissue != 0
 	d.Params = ParamsFor(h.g, int(info.MaxIOBufBytes))
+	if o.ReadOnly {
+		d.Params.Attrs |= attrReadOnly
+	}
 	if err := ctrl.SetParams(d.ID, d.Params); err != nil {
 		return nil, err
 	}
