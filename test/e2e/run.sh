@@ -205,6 +205,88 @@ else
   skip "kubectl get zonedvolumes" "backend=local: no custom resources"
 fi
 
+# The chart's node restriction (rbac.nodeRestriction): the node plugin's
+# service account may write only the records of the node its token names.
+# Real tokens from the API server's TokenRequest, no impersonation (kubectl
+# 1.34 has no --as-user-extra): one bound to the node plugin's pod, in which
+# the API server names the pod's node ($NODE_NAME); one bound to a decoy pod
+# of the same service account assigned to a node that does not exist (it
+# never runs, but the API server names its node in tokens bound to it: what
+# a node plugin elsewhere holds); and one bound to nothing, which names no
+# node. The node agent's own writes, made with its pod's token, are proven
+# by the other tests (status, finalizers, capacity).
+t_node_restriction() {
+  local h np sa tok other_tok free_tok out node probe
+  h=$(kubectl get pv "$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')
+  np=$(kubectl -n kube-system get pods -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+  sa=$(kubectl -n kube-system get pod "$np" -o jsonpath='{.spec.serviceAccountName}')
+  token_node() { kubectl --token="$1" auth whoami -o yaml | grep -A1 'authentication.kubernetes.io/node-name:' | sed -n '2s/^ *- *//p'; }
+  probe='{"status":{"error":"e2e node restriction probe"}}'
+
+  tok=$(kubectl -n kube-system create token "$sa" --bound-object-kind Pod --bound-object-name "$np" --duration 10m)
+  node=$(token_node "$tok") || true
+  echo "token bound to $np: user system:serviceaccount:kube-system:$sa, node-name ${node:-(none)}"
+  [ "$node" = "$NODE_NAME" ]
+  kubectl --token="$tok" patch zonedvolume "$h" --subresource=status --type=merge -p "$probe" --dry-run=server
+  kubectl --token="$tok" patch zonednode "$NODE_NAME" --subresource=status --type=merge -p '{"status":{"attacher":"probe"}}' --dry-run=server
+  echo "as node $NODE_NAME: status patches of its ZonedVolume and ZonedNode allowed (server dry run)"
+
+  kubectl -n kube-system apply -f - >/dev/null <<Y
+apiVersion: v1
+kind: Pod
+metadata: {name: zq-e2e-decoy}
+spec:
+  serviceAccountName: $sa
+  nodeName: other-node
+  automountServiceAccountToken: false
+  containers: [{name: c, image: docker.io/zq-csi/e2e-tools:e2e, imagePullPolicy: Never}]
+Y
+  trap '"$BIN/kubectl" -n kube-system delete pod zq-e2e-decoy --grace-period=0 --force >/dev/null 2>&1 || true' EXIT
+  other_tok=$(kubectl -n kube-system create token "$sa" --bound-object-kind Pod --bound-object-name zq-e2e-decoy --duration 10m)
+  node=$(token_node "$other_tok") || true
+  echo "token bound to the decoy pod on other-node: node-name ${node:-(none)}"
+  [ "$node" = other-node ]
+  # Status writes are made for real (the agent would rewrite them); those
+  # that would break the later tests if let through are server dry runs,
+  # which go through admission all the same.
+  denied() { # what want-message kubectl-args...: must be refused with want-message
+    local what=$1 want=$2; shift 2
+    if out=$(kubectl "$@" 2>&1); then echo "$what: allowed: $out"; return 1; fi
+    grep -qF "$want" <<<"$out" || { echo "$what: refused, but not by the node restriction: $out"; return 1; }
+    echo "$what: $out"
+  }
+  denied "as other-node, status of ZonedVolume $h" \
+    "zq-csi node restriction: the node plugin of node \"other-node\" may not UPDATE ZonedVolume $h (status) of node \"$NODE_NAME\"" \
+    --token="$other_tok" patch zonedvolume "$h" --subresource=status --type=merge -p "$probe"
+  denied "as other-node, finalizers of ZonedVolume $h" \
+    "zq-csi node restriction: the node plugin of node \"other-node\" may not UPDATE ZonedVolume $h of node \"$NODE_NAME\"" \
+    --token="$other_tok" patch zonedvolume "$h" --type=json -p '[{"op":"replace","path":"/metadata/finalizers","value":[]}]' --dry-run=server
+  denied "as other-node, status of ZonedNode $NODE_NAME" \
+    "zq-csi node restriction: the node plugin of node \"other-node\" may not UPDATE ZonedNode $NODE_NAME (status) of node \"$NODE_NAME\"" \
+    --token="$other_tok" patch zonednode "$NODE_NAME" --subresource=status --type=merge -p '{"status":{"capacityBytes":0}}'
+  denied "as $NODE_NAME, moving ZonedVolume $h to other-node" \
+    "zq-csi node restriction: the node plugin of node \"$NODE_NAME\" may not UPDATE ZonedVolume $h for node \"other-node\"" \
+    --token="$tok" patch zonedvolume "$h" --type=merge -p '{"spec":{"node":"other-node"}}' --dry-run=server
+  free_tok=$(kubectl -n kube-system create token "$sa" --duration 10m)
+  denied "with a token bound to no pod (no node name)" \
+    "zq-csi node restriction: UPDATE of ZonedVolume $h (status) by the node plugin refused: its token names no node" \
+    --token="$free_tok" patch zonedvolume "$h" --subresource=status --type=merge -p "$probe"
+  [ "$(kubectl get zonedvolume "$h" -o jsonpath='{.spec.node}')" = "$NODE_NAME" ]
+  [ "$(kubectl get zonedvolume "$h" -o jsonpath='{.status.phase}')" = Ready ]
+  if kubectl get zonedvolume "$h" -o jsonpath='{.status.error}' | grep -q probe; then echo "the probe reached the status"; return 1; fi
+  echo "ZonedVolume $h unchanged: node $NODE_NAME, phase Ready"
+
+  # Not the controller: its service account matches no rule of the policy.
+  kubectl --as="system:serviceaccount:kube-system:$(kubectl -n kube-system get deploy -l app.kubernetes.io/component=controller -o jsonpath='{.items[0].spec.template.spec.serviceAccountName}')" \
+    annotate zonedvolume "$h" zq-csi.io/e2e-probe=1 --dry-run=server
+  echo "the controller's service account (no node name) may still annotate ZonedVolume $h (server dry run)"
+}
+if [ "${ZQ_E2E_BACKEND:-cluster}" = cluster ]; then
+  run_test "node restriction: the node plugin writes only its own node's records (ValidatingAdmissionPolicy)" t_node_restriction
+else
+  skip "node restriction" "backend=local: no custom resources"
+fi
+
 t_staged() {
   local pv; pv=$(kubectl -n e2e get pvc data -o jsonpath='{.spec.volumeName}')
   local uid; uid=$(kubectl -n e2e get pod user -o jsonpath='{.metadata.uid}')
