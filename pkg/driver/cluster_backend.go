@@ -32,6 +32,9 @@ type clusterBackend struct {
 	// apiTimeout bounds the Store calls, which take no context.
 	apiTimeout time.Duration
 	staleAfter time.Duration
+	// recheck is how often a wait re-reads its object besides watching it
+	// (see waitObject).
+	recheck time.Duration
 }
 
 // ClusterBackendOptions tune NewClusterBackend; zero values take defaults.
@@ -55,7 +58,8 @@ func NewClusterBackend(c dynamic.Interface, o ClusterBackendOptions) Backend {
 	if o.StaleAfter == 0 {
 		o.StaleAfter = 5 * time.Minute
 	}
-	return &clusterBackend{c: c, defaultWait: o.DefaultWait, apiTimeout: 30 * time.Second, staleAfter: o.StaleAfter}
+	return &clusterBackend{c: c, defaultWait: o.DefaultWait, apiTimeout: 30 * time.Second, staleAfter: o.StaleAfter,
+		recheck: defaultRecheck}
 }
 
 func (b *clusterBackend) res(gvr schema.GroupVersionResource) dynamic.ResourceInterface {
@@ -414,43 +418,12 @@ func (b *clusterBackend) Capacity(ctx context.Context, node string) (uint64, err
 
 // Image work: write the request, wait for the agent.
 
-// wait polls fn until it reports done or an error, or ctx (bounded by
-// defaultWait) ends; the deadline's error is kept so the CO gets
-// DeadlineExceeded and retries (CSI spec: CreateVolume "SHOULD" be retried
-// after a timeout, and is idempotent here).
-func (b *clusterBackend) wait(ctx context.Context, what string, fn func(ctx context.Context) (bool, error)) error {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, b.defaultWait)
-		defer cancel()
-	}
-	delay := 10 * time.Millisecond
-	for {
-		done, err := fn(ctx)
-		if err != nil || done {
-			return err
-		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("waiting for the node agent to %s: %w", what, ctx.Err())
-		case <-t.C:
-		}
-		delay = min(delay*2, 500*time.Millisecond)
-	}
-}
-
 // waitVolume waits until volume id's status answers its current spec.
 func (b *clusterBackend) waitVolume(ctx context.Context, id, what string) (Geometry, error) {
 	var geo Geometry
-	err := b.wait(ctx, what, func(ctx context.Context) (bool, error) {
-		u, err := b.res(gvrVolume).Get(ctx, id, metav1.GetOptions{})
-		if err != nil {
-			if ctx.Err() != nil {
-				return false, nil // reported by wait, as a deadline
-			}
-			return false, apiError("get zonedvolume "+id, err)
+	err := b.waitObject(ctx, gvrVolume, id, what, func(u *unstructured.Unstructured) (bool, error) {
+		if u == nil {
+			return false, apiError("get zonedvolume "+id, apierrors.NewNotFound(gvrVolume.GroupResource(), id))
 		}
 		zv, err := fromUnstructured[zonedVolume](u)
 		if err != nil {
@@ -539,16 +512,9 @@ func (b *clusterBackend) deleteAndWait(ctx context.Context, gvr schema.GroupVers
 	if err := b.remove(ctx, gvr, id); err != nil {
 		return err
 	}
-	return b.wait(ctx, fmt.Sprintf("delete the image of %s", id), func(ctx context.Context) (bool, error) {
-		u, err := b.res(gvr).Get(ctx, id, metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
+	return b.waitObject(ctx, gvr, id, fmt.Sprintf("delete the image of %s", id), func(u *unstructured.Unstructured) (bool, error) {
+		if u == nil {
 			return true, nil
-		}
-		if err != nil {
-			if ctx.Err() != nil {
-				return false, nil
-			}
-			return false, apiError("get "+gvr.Resource+" "+id, err)
 		}
 		phase, _, _ := unstructured.NestedString(u.Object, "status", "phase")
 		msg, _, _ := unstructured.NestedString(u.Object, "status", "error")
@@ -579,13 +545,9 @@ func (b *clusterBackend) SnapshotImages(ctx context.Context, vols []*VolumeRecor
 		}
 	}
 	for _, s := range snaps {
-		err := b.wait(ctx, "snapshot "+s.SourceVolumeID+" to "+s.ID, func(ctx context.Context) (bool, error) {
-			u, err := b.res(gvrSnapshot).Get(ctx, s.ID, metav1.GetOptions{})
-			if err != nil {
-				if ctx.Err() != nil {
-					return false, nil
-				}
-				return false, apiError("get zonedsnapshot "+s.ID, err)
+		err := b.waitObject(ctx, gvrSnapshot, s.ID, "snapshot "+s.SourceVolumeID+" to "+s.ID, func(u *unstructured.Unstructured) (bool, error) {
+			if u == nil {
+				return false, apiError("get zonedsnapshot "+s.ID, apierrors.NewNotFound(gvrSnapshot.GroupResource(), s.ID))
 			}
 			zs, err := fromUnstructured[zonedSnapshot](u)
 			if err != nil {

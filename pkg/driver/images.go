@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 
@@ -34,6 +35,11 @@ type imageSlot struct {
 	mu   sync.Mutex    // held by each operation and by acquire/release
 	gate sync.RWMutex  // guest I/O holds it shared; freeze holds it exclusively
 	dev  *zoned.Device // open while the volume is staged here
+	// health is the last full check of the unstaged image, with the
+	// identity of the file it checked; every operation of this process
+	// that writes the image clears it (under mu), and a change from
+	// elsewhere shows in the identity.
+	health *healthEntry
 }
 
 // NewImages returns the manager of dataDir, creating its layout.
@@ -76,6 +82,7 @@ func (m *Images) withImage(id string, fn func(im *qcow2.Image) (*qcow2.Image, er
 	s := m.slot(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.health = nil
 	if s.dev != nil {
 		s.gate.Lock()
 		defer s.gate.Unlock()
@@ -156,6 +163,7 @@ func (m *Images) Create(id string, spec *volumeSpec) error {
 	s := m.slot(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.health = nil
 	path := m.VolumePath(id)
 	tmp := path + ".tmp"
 	co := spec.create
@@ -194,6 +202,7 @@ func (m *Images) createCopy(id, src string, size uint64) error {
 	s := m.slot(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.health = nil
 	path := m.VolumePath(id)
 	tmp := path + ".tmp"
 	os.Remove(tmp)
@@ -376,6 +385,16 @@ type HealthProblem struct {
 // Health checks volume id's image: present, openable, not marked corrupt,
 // and (when not attached, so that the check sees a quiet file) consistent
 // by qcow2.Check.
+//
+// The full check reads all of the image's metadata, and the node agent
+// asks on every resync for every volume, so its verdict is kept per image
+// with the file's identity (device, inode, size, mtime and ctime in ns):
+// an image nobody touched since is not read again. Any write changes
+// mtime, a replacement the inode; and the operations of this process that
+// write an image (create, expand, limits, stage) drop the verdict
+// outright, since two writes within one tick of the file system's coarse
+// clock can leave mtime as it was. Verdicts from an error that may pass
+// (an image that could not be opened or read) are not kept.
 func (m *Images) Health(id string) []HealthProblem {
 	path := m.VolumePath(id)
 	if _, err := os.Stat(path); err != nil {
@@ -390,22 +409,69 @@ func (m *Images) Health(id string) []HealthProblem {
 		}
 		return nil
 	}
-	res, err := qcow2.Check(path, qcow2.CheckOptions{})
+	key, err := fileIdentityOf(path)
+	if err != nil {
+		return []HealthProblem{{"inaccessible", "ImageMissing", fmt.Sprintf("image %s: %v", path, err)}}
+	}
+	if h := s.health; h != nil && h.key == key {
+		return slices.Clone(h.problems)
+	}
+	probs, keep := checkHealth(path)
+	s.health = nil
+	if keep {
+		// key was taken before the check: a change during it makes the
+		// next call check again.
+		s.health = &healthEntry{key: key, problems: probs}
+	}
+	return slices.Clone(probs)
+}
+
+// healthEntry is a kept verdict of Health.
+type healthEntry struct {
+	key      fileIdentity
+	problems []HealthProblem
+}
+
+// fileIdentity is what changes when an image file is written or replaced.
+type fileIdentity struct {
+	dev, ino     uint64
+	size         int64
+	mtime, ctime int64 // ns
+}
+
+func fileIdentityOf(path string) (fileIdentity, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return fileIdentity{}, err
+	}
+	return fileIdentity{dev: uint64(st.Dev), ino: uint64(st.Ino), size: st.Size,
+		mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}, nil
+}
+
+// checkImage is qcow2.Check; a variable so tests can count the checks.
+var checkImage = qcow2.Check
+
+// checkHealth runs the full check of an unstaged image; keep tells
+// whether the verdict follows from the file's content alone.
+func checkHealth(path string) (probs []HealthProblem, keep bool) {
+	res, err := checkImage(path, qcow2.CheckOptions{})
 	switch {
 	case errors.Is(err, qcow2.ErrCorrupt) || errors.Is(err, qcow2.ErrNotQcow2):
-		return []HealthProblem{{"data-loss", "ImageCorrupt", err.Error()}}
+		return []HealthProblem{{"data-loss", "ImageCorrupt", err.Error()}}, true
 	case err != nil:
-		return []HealthProblem{{"inaccessible", "ImageUnreadable", err.Error()}}
+		return []HealthProblem{{"inaccessible", "ImageUnreadable", err.Error()}}, false
 	case res.Corruptions > 0:
 		msg := fmt.Sprintf("%d corruptions found by check", res.Corruptions)
 		if len(res.Messages) > 0 {
 			msg += ": " + res.Messages[0]
 		}
-		return []HealthProblem{{"data-loss", "ImageCorrupt", msg}}
+		return []HealthProblem{{"data-loss", "ImageCorrupt", msg}}, true
 	case res.CheckErrors > 0:
-		return []HealthProblem{{"degraded", "CheckFailed", fmt.Sprintf("%d errors while checking the image", res.CheckErrors)}}
+		// Failures to read metadata (qemu-img's "check errors"): these
+		// may pass.
+		return []HealthProblem{{"degraded", "CheckFailed", fmt.Sprintf("%d errors while checking the image", res.CheckErrors)}}, false
 	}
-	return nil
+	return nil, true
 }
 
 // Usage returns the virtual size of volume id and the bytes its image file
@@ -440,6 +506,7 @@ func (m *Images) acquire(id string) (*imageSlot, error) {
 	s := m.slot(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.health = nil
 	if s.dev == nil {
 		if _, err := os.Stat(s.path); err != nil {
 			return nil, errorf(ErrNotFound, "volume %s has no image on this node: %w", id, err)
@@ -458,6 +525,7 @@ func (m *Images) release(id string) error {
 	s := m.slot(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.health = nil // the guest wrote it while staged
 	if s.dev == nil {
 		return nil
 	}

@@ -5,27 +5,20 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	. "github.com/onsi/ginkgo/v2"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
-	"sigs.k8s.io/yaml"
 
 	"github.com/zq-csi/zq-csi/pkg/driver"
+	"github.com/zq-csi/zq-csi/test/kubetest"
 )
 
 // The cluster run: the same csi-sanity suite against zq-csi's cluster
@@ -41,8 +34,6 @@ import (
 // clusterChildEnv naming the kubeconfig).
 
 const clusterChildEnv = "ZQ_CLUSTER_SANITY_KUBECONFIG"
-
-var gvrCRD = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 
 func TestClusterSanity(t *testing.T) {
 	if kc := os.Getenv(clusterChildEnv); kc != "" {
@@ -67,8 +58,12 @@ func TestClusterSanity(t *testing.T) {
 			os.RemoveAll(dir)
 		}
 	})
-	kubeconfig := startAPIServer(t, dir)
-	installCRDs(t, kubeconfig)
+	kubeconfig := kubetest.Start(t, "../..", dir)
+	var gvrs []schema.GroupVersionResource
+	for gvr := range driver.ClusterGVRs() {
+		gvrs = append(gvrs, gvr)
+	}
+	kubetest.InstallCRDs(t, dynamicFor(t, kubeconfig), "../..", gvrs)
 
 	exe, err := os.Executable()
 	if err != nil {
@@ -96,155 +91,30 @@ func TestClusterSanity(t *testing.T) {
 	}
 }
 
-// k8sCache returns where scripts/e2e/build-k8s.sh puts the Kubernetes
-// binaries: $ZQ_CACHE/k8s/$K8S_VERSION, the version read from
-// scripts/e2e/versions.sh.
-func k8sCache(t *testing.T) string {
-	b, err := os.ReadFile("../../scripts/e2e/versions.sh")
-	if err != nil {
-		t.Fatalf("read the pinned Kubernetes version: %v", err)
-	}
-	m := regexp.MustCompile(`(?m)^K8S_VERSION=\$\{K8S_VERSION:-(v[0-9.]+)\}`).FindSubmatch(b)
-	if m == nil {
-		t.Fatal("scripts/e2e/versions.sh has no K8S_VERSION default")
-	}
-	version := string(m[1])
-	if v := os.Getenv("K8S_VERSION"); v != "" {
-		version = v
-	}
-	cache := os.Getenv("ZQ_CACHE")
-	if cache == "" {
-		cache = "/var/cache/zq-csi"
-	}
-	return filepath.Join(cache, "k8s", version)
-}
-
 // requirePeers skips, loudly, when kube-apiserver or etcd is missing —
 // unless ZQ_REQUIRE_PEERS=1 and the Kubernetes binary cache exists (it was
 // meant to be built), which fails instead.
 func requirePeers(t *testing.T) {
-	cache := k8sCache(t)
-	missing := func(what, how string) {
-		msg := fmt.Sprintf("%s is missing; %s builds it", what, how)
-		if _, err := os.Stat(cache); err == nil && os.Getenv("ZQ_REQUIRE_PEERS") == "1" {
+	what, how, err := kubetest.Missing("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if what == "" {
+		return
+	}
+	msg := fmt.Sprintf("%s is missing; %s builds it", what, how)
+	if cache, _ := kubetest.Cache("../.."); os.Getenv("ZQ_REQUIRE_PEERS") == "1" {
+		if _, err := os.Stat(cache); err == nil {
 			t.Fatal(msg + " (ZQ_REQUIRE_PEERS=1 and " + cache + " exists, so this fails)")
 		}
-		t.Skip("SKIPPING the cluster-backend sanity run: " + msg)
 	}
-	if _, err := os.Stat(filepath.Join(cache, "bin", "kube-apiserver")); err != nil {
-		missing(filepath.Join(cache, "bin", "kube-apiserver"), "scripts/e2e/build-k8s.sh")
-	}
-	if _, err := exec.LookPath("etcd"); err != nil {
-		missing("etcd", "scripts/e2e/build-tools.sh etcd")
-	}
+	t.Skip("SKIPPING the cluster-backend sanity run: " + msg)
 }
 
-// freePorts finds a port p with p and p+1 free (etcd's client and peer
-// ports) and another free port (the API server's).
-func freePorts(t *testing.T) (etcd, api int) {
-	free := func(p int) bool {
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-		if err != nil {
-			return false
-		}
-		l.Close()
-		return true
-	}
-	for range 100 {
-		p := 30000 + rand.IntN(20000)
-		if free(p) && free(p+1) && free(p+2) {
-			return p, p + 2
-		}
-	}
-	t.Fatal("no free loopback ports for etcd and kube-apiserver")
-	return 0, 0
-}
-
-func startAPIServer(t *testing.T, dir string) string {
-	script, err := filepath.Abs("../../scripts/e2e/apiserver.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
-	etcdPort, apiPort := freePorts(t)
-	env := append(os.Environ(), fmt.Sprintf("ZQ_ETCD_PORT=%d", etcdPort), fmt.Sprintf("ZQ_API_PORT=%d", apiPort))
-	up := exec.Command("bash", script, "up", dir)
-	up.Env = env
-	up.Stderr = os.Stderr
-	t.Cleanup(func() {
-		down := exec.Command("bash", script, "down", dir)
-		down.Env = env
-		if out, err := down.CombinedOutput(); err != nil {
-			t.Logf("apiserver.sh down: %v: %s", err, out)
-		}
-	})
-	out, err := up.Output()
-	if err != nil {
-		t.Fatalf("apiserver.sh up %s: %v", dir, err)
-	}
-	lines := strings.Fields(strings.TrimSpace(string(out)))
-	if len(lines) == 0 {
-		t.Fatal("apiserver.sh up printed no kubeconfig")
-	}
-	return lines[len(lines)-1]
-}
-
+// dynamicFor is a client of kubeconfig's API server; a test's controller,
+// node and checks share it, hence the high limits.
 func dynamicFor(t *testing.T, kubeconfig string) dynamic.Interface {
-	rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc.QPS, rc.Burst = 500, 1000 // a test's controller, node and checks share one API server
-	c, err := dynamic.NewForConfig(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
-// installCRDs applies deploy/crds and waits until each is Established.
-func installCRDs(t *testing.T, kubeconfig string) {
-	c := dynamicFor(t, kubeconfig)
-	files, err := filepath.Glob("../../deploy/crds/*.yaml")
-	if err != nil || len(files) == 0 {
-		t.Fatalf("no CRDs under deploy/crds: %v", err)
-	}
-	ctx := context.Background()
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		u := &unstructured.Unstructured{}
-		if err := yaml.Unmarshal(b, &u.Object); err != nil {
-			t.Fatalf("%s: %v", f, err)
-		}
-		if _, err := c.Resource(gvrCRD).Create(ctx, u, metav1.CreateOptions{}); err != nil {
-			t.Fatalf("install %s: %v", f, err)
-		}
-		name := u.GetName()
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			got, err := c.Resource(gvrCRD).Get(ctx, name, metav1.GetOptions{})
-			if err == nil && crdEstablished(got) {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("CRD %s not established: %v", name, err)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
-}
-
-func crdEstablished(u *unstructured.Unstructured) bool {
-	conds, _, _ := unstructured.NestedSlice(u.Object, "status", "conditions")
-	for _, c := range conds {
-		m, _ := c.(map[string]any)
-		if m["type"] == "Established" && m["status"] == "True" {
-			return true
-		}
-	}
-	return false
+	return kubetest.Client(t, kubeconfig, 500, 1000)
 }
 
 // startCluster runs the controller and the node as two drivers over the
