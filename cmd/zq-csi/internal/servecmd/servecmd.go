@@ -35,6 +35,8 @@ type options struct {
 	endpoint, mode, nodeID, dataDir, stateDir, driverName, attacher string
 	backend, kubeconfig                                             string
 	maxVolumes                                                      int64
+	kubeQPS                                                         float64
+	kubeBurst                                                       int
 	verbosity                                                       string
 	exporter                                                        string
 	kubeletRegDir, kubeletRegPath                                   string
@@ -44,18 +46,20 @@ type options struct {
 // is not given (first set one wins). The CSI_ENDPOINT and node-name
 // spellings are the ones Kubernetes manifests conventionally use.
 var envNames = map[string][]string{
-	"endpoint":    {"ZQ_CSI_ENDPOINT", "CSI_ENDPOINT"},
-	"mode":        {"ZQ_CSI_MODE"},
-	"node-id":     {"ZQ_CSI_NODE_ID", "NODE_NAME", "KUBE_NODE_NAME"},
-	"data-dir":    {"ZQ_CSI_DATA_DIR"},
-	"state-dir":   {"ZQ_CSI_STATE_DIR"},
-	"driver-name": {"ZQ_CSI_DRIVER_NAME"},
-	"attacher":    {"ZQ_CSI_ATTACHER"},
-	"max-volumes": {"ZQ_CSI_MAX_VOLUMES"},
-	"backend":     {"ZQ_CSI_BACKEND"},
-	"kubeconfig":  {"KUBECONFIG"},
-	"v":           {"ZQ_CSI_V"},
-	"exporter":    {"ZQ_CSI_EXPORTER"},
+	"endpoint":       {"ZQ_CSI_ENDPOINT", "CSI_ENDPOINT"},
+	"mode":           {"ZQ_CSI_MODE"},
+	"node-id":        {"ZQ_CSI_NODE_ID", "NODE_NAME", "KUBE_NODE_NAME"},
+	"data-dir":       {"ZQ_CSI_DATA_DIR"},
+	"state-dir":      {"ZQ_CSI_STATE_DIR"},
+	"driver-name":    {"ZQ_CSI_DRIVER_NAME"},
+	"attacher":       {"ZQ_CSI_ATTACHER"},
+	"max-volumes":    {"ZQ_CSI_MAX_VOLUMES"},
+	"backend":        {"ZQ_CSI_BACKEND"},
+	"kubeconfig":     {"KUBECONFIG"},
+	"kube-api-qps":   {"ZQ_CSI_KUBE_API_QPS"},
+	"kube-api-burst": {"ZQ_CSI_KUBE_API_BURST"},
+	"v":              {"ZQ_CSI_V"},
+	"exporter":       {"ZQ_CSI_EXPORTER"},
 
 	"kubelet-registration-dir":  {"ZQ_CSI_KUBELET_REGISTRATION_DIR"},
 	"kubelet-registration-path": {"ZQ_CSI_KUBELET_PLUGIN_SOCKET"},
@@ -87,6 +91,8 @@ func Main(args []string, env Env) int {
 	fs.Int64Var(&o.maxVolumes, "max-volumes", 0, "volumes per node reported by NodeGetInfo (0: the attacher's device count)")
 	fs.StringVar(&o.backend, "backend", "local", "where the controller keeps records and how image work reaches nodes: local (one process, --mode all) or cluster (ZonedVolume resources in the API server; node agents in --mode node do the image work)")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for --backend cluster (default: the in-cluster service account)")
+	fs.Float64Var(&o.kubeQPS, "kube-api-qps", 50, "requests per second to the API server (--backend cluster; a CreateVolume makes about 7)")
+	fs.IntVar(&o.kubeBurst, "kube-api-burst", 100, "burst of requests to the API server (--backend cluster)")
 	fs.StringVar(&o.verbosity, "v", "0", "log verbosity (2: every CSI call, secrets stripped)")
 	fs.StringVar(&o.exporter, "exporter", "auto", "the exporters this node offers: auto (ublk as well as --attacher when /dev/ublk-control exists, or modprobe ublk_drv loads it, and the kernel has zoned ublk), nbd (--attacher only), or ublk (as auto, but fail at start without zoned ublk); volumes pick with their exporter parameter")
 	fs.StringVar(&o.kubeletRegDir, "kubelet-registration-dir", "", "the kubelet's plugins_registry directory: when set, the node plugin registers itself with the kubelet there (no csi-node-driver-registrar sidecar)")
@@ -169,7 +175,7 @@ func run(ctx context.Context, o options, version string) (err error) {
 	case "local":
 	case "cluster":
 		var err error
-		if kube, err = dynamicClient(o.kubeconfig); err != nil {
+		if kube, err = dynamicClient(o.kubeconfig, float32(o.kubeQPS), o.kubeBurst); err != nil {
 			return err
 		}
 		if cfg.Mode != driver.ModeNode {
@@ -241,7 +247,10 @@ func run(ctx context.Context, o options, version string) (err error) {
 
 // dynamicClient connects to the API server named by kubeconfig, or to the
 // one this pod runs under.
-func dynamicClient(kubeconfig string) (dynamic.Interface, error) {
+func dynamicClient(kubeconfig string, qps float32, burst int) (dynamic.Interface, error) {
+	if qps <= 0 || burst <= 0 {
+		return nil, fmt.Errorf("--kube-api-qps=%v --kube-api-burst=%d: both must be positive", qps, burst)
+	}
 	var rc *rest.Config
 	var err error
 	if kubeconfig != "" {
@@ -253,6 +262,7 @@ func dynamicClient(kubeconfig string) (dynamic.Interface, error) {
 		return nil, fmt.Errorf("--backend=cluster: API server config (--kubeconfig or in-cluster): %w", err)
 	}
 	rc.UserAgent = "zq-csi"
+	rc.QPS, rc.Burst = qps, burst
 	return dynamic.NewForConfig(rc)
 }
 

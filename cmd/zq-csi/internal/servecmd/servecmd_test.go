@@ -34,6 +34,8 @@ func TestBackendFlag(t *testing.T) {
 		// No kubeconfig and not in a pod: the error says where the config comes from.
 		{[]string{"--backend", "cluster", "--mode", "controller"}, "--backend=cluster: API server config (--kubeconfig or in-cluster)"},
 		{[]string{"--backend", "cluster", "--mode", "controller", "--kubeconfig", "/nonexistent/kubeconfig"}, "/nonexistent/kubeconfig"},
+		{[]string{"--backend", "cluster", "--mode", "controller", "--kube-api-qps", "0"}, "--kube-api-qps=0 --kube-api-burst=100: both must be positive"},
+		{[]string{"--backend", "cluster", "--mode", "controller", "--kube-api-burst", "-1"}, "--kube-api-qps=50 --kube-api-burst=-1: both must be positive"},
 	} {
 		var stderr bytes.Buffer
 		args := append([]string{"--data-dir", t.TempDir(), "--node-id", "n1", "--attacher", "file"}, tc.args...)
