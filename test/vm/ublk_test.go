@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -218,7 +219,11 @@ func TestUblkZonedDevice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fmt.Printf("ZQVM: UBLK %s started in %v: state %d flags %#x depth %d max_io %d\n", bdev, time.Since(t0).Round(time.Millisecond), info.State, info.Flags, info.QueueDepth, info.MaxIOBufBytes)
+	fmt.Printf("ZQVM: UBLK %s started in %v: state %d flags %#x queues %d depth %d max_io %d\n", bdev, time.Since(t0).Round(time.Millisecond), info.State, info.Flags, info.NrHWQueues, info.QueueDepth, info.MaxIOBufBytes)
+	// One queue per CPU up to four by default: blk-mq shows each.
+	if want := min(runtime.NumCPU(), 4); int(info.NrHWQueues) != want || mqQueues(t, bdev) != want {
+		t.Errorf("%s: %d hardware queues, %d in sysfs; want %d (NumCPU %d)", bdev, info.NrHWQueues, mqQueues(t, bdev), want, runtime.NumCPU())
+	}
 	got := map[string]string{}
 	for _, a := range []string{"zoned", "nr_zones", "chunk_sectors", "zone_append_max_bytes", "max_open_zones", "max_active_zones", "logical_block_size", "physical_block_size", "write_cache", "fua"} {
 		got[a] = sysfs(bdev, a)
@@ -1070,4 +1075,132 @@ func TestUblkReadOnly(t *testing.T) {
 		t.Fatalf("read from the read-only %s: %v", att.DevicePath, err)
 	}
 	fmt.Printf("ZQVM: UBLK READ-ONLY %s: ro=1, writes refused by the kernel, reads work\n", att.DevicePath)
+}
+
+// mqQueues counts the hardware queue directories of dev in
+// /sys/block/DEV/mq.
+func mqQueues(t *testing.T, dev string) int {
+	t.Helper()
+	ents, err := os.ReadDir(filepath.Join("/sys/block", filepath.Base(dev), "mq"))
+	if err != nil {
+		t.Errorf("%s: %v", dev, err)
+		return -1
+	}
+	n := 0
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err == nil && e.IsDir() {
+			n++
+		}
+	}
+	return n
+}
+
+var fioIOPS = regexp.MustCompile(`(?m)^\s*(read|write): IOPS=([0-9.]+)(k?)`)
+
+// fioMQ runs fio with libaio and returns the group's MiB/s and IOPS.
+func fioMQ(t *testing.T, args ...string) (mibps, iops float64) {
+	t.Helper()
+	out := run(t, "fio", append([]string{"--thread", "--direct=1", "--ioengine=libaio", "--group_reporting"}, args...)...)
+	m, k := fioBW.FindStringSubmatch(out), fioIOPS.FindStringSubmatch(out)
+	if m == nil || k == nil || !strings.Contains(out, "err= 0") {
+		t.Fatalf("fio %v:\n%s", args, out)
+	}
+	mibps, _ = strconv.ParseFloat(m[2], 64)
+	switch m[3] {
+	case "Ki":
+		mibps /= 1024
+	case "Gi":
+		mibps *= 1024
+	}
+	iops, _ = strconv.ParseFloat(k[2], 64)
+	if k[3] == "k" {
+		iops *= 1000
+	}
+	return mibps, iops
+}
+
+// TestUblkMultiQueue serves the same kind of image with one hardware
+// queue and with one per CPU (the default), checks blk-mq's view of the
+// queues, and compares fio through both in the same VM run: four jobs
+// writing four different zones (zonemode=zbd, iodepth 4), then random
+// 4 KiB reads by four jobs.
+func TestUblkMultiQueue(t *testing.T) {
+	requireUblk(t)
+	if _, err := exec.LookPath("fio"); err != nil {
+		t.Skip("******** SKIPPED: fio not in this VM ********")
+	}
+	const jobs, zonesPerJob = 4, 3
+	zs := uint64(4 << 20)
+	type result struct {
+		queues        int
+		wMiB, rIOPS   float64
+		counts        ublk.Counts
+		perQueue      []uint64
+		sysfsQueueDir int
+	}
+	measure := func(queues int) result {
+		img := filepath.Join(t.TempDir(), "mq.qcow2")
+		conv, maxOpen := uint32(1), uint32(jobs)
+		if _, err := qcow2.Create(img, qcow2.CreateOptions{Size: (1 + jobs*zonesPerJob) * zs, Zoned: &qcow2.ZonedOptions{ZoneSize: &zs, ConventionalZones: &conv, MaxOpenZones: &maxOpen}}); err != nil {
+			t.Fatal(err)
+		}
+		d, err := zoned.Open(img, zoned.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		dev, err := ublk.Start(d, ublk.Options{Queues: queues, OnError: func(err error) { t.Logf("ublk serve: %v", err) }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := dev.Stop(); err != nil {
+				t.Errorf("stop: %v", err)
+			}
+		}()
+		b := dev.BlockPath()
+		r := result{queues: int(dev.Info.NrHWQueues), sysfsQueueDir: mqQueues(t, b)}
+		// Job i writes its own zones 1+i*zonesPerJob.. sequentially; the
+		// four jobs run on four different zones at any time.
+		region := fmt.Sprint(zonesPerJob * zs)
+		r.wMiB, _ = fioMQ(t, "--name=mqw", "--filename="+b, "--zonemode=zbd", fmt.Sprintf("--max_open_zones=%d", jobs), "--rw=write", "--bs=64k", "--iodepth=4",
+			fmt.Sprintf("--numjobs=%d", jobs), fmt.Sprintf("--offset=%d", zs), "--offset_increment="+region, "--size="+region)
+		_, r.rIOPS = fioMQ(t, "--name=mqr", "--filename="+b, "--rw=randread", "--bs=4k", "--iodepth=4", fmt.Sprintf("--numjobs=%d", jobs),
+			fmt.Sprintf("--offset=%d", zs), fmt.Sprintf("--size=%d", jobs*zonesPerJob*zs), "--time_based", "--runtime=4", "--randrepeat=0")
+		r.counts = dev.Counts()
+		r.perQueue = dev.QueueRequests()
+		if r.counts.Failed != 0 {
+			t.Errorf("%d queue(s): %d requests failed", queues, r.counts.Failed)
+		}
+		for i, z := range d.Report(1, jobs*zonesPerJob) {
+			if z.Cond != zoned.CondFull {
+				t.Errorf("%d queue(s): zone %d after the writers: %+v", queues, i+1, z)
+			}
+		}
+		return r
+	}
+	// 1, N, N, 1: a drift over the run (page cache, tmpfs, GC) weighs on
+	// both alike; each figure is the mean of its two runs.
+	var one, n result
+	for _, queues := range []int{1, 0, 0, 1} { // 0: the default, one per CPU up to four
+		r := measure(queues)
+		if r.sysfsQueueDir != r.queues {
+			t.Errorf("%d hardware queues, %d in /sys/block/*/mq", r.queues, r.sysfsQueueDir)
+		}
+		acc := &one
+		if queues == 0 {
+			acc = &n
+			if want := min(runtime.NumCPU(), 4); r.queues != want {
+				t.Errorf("default: %d queues, want %d", r.queues, want)
+			}
+		}
+		acc.queues, acc.perQueue = r.queues, r.perQueue
+		if len(r.perQueue) != r.queues {
+			t.Errorf("%d queues, requests counted for %d", r.queues, len(r.perQueue))
+		}
+		acc.wMiB += r.wMiB / 2
+		acc.rIOPS += r.rIOPS / 2
+	}
+	fmt.Printf("ZQVM: UBLK MQ %d CPUs, 1 queue vs %d queues (mean of 2 runs each): zbd write, 4 jobs on their own zones, bs=64k iodepth 4: %.1f vs %.1f MiB/s (%.2fx); randread 4k, 4 jobs iodepth 4: %.0f vs %.0f IOPS (%.2fx); requests per queue %v\n",
+		runtime.NumCPU(), n.queues, one.wMiB, n.wMiB, n.wMiB/one.wMiB, one.rIOPS, n.rIOPS, n.rIOPS/one.rIOPS, n.perQueue)
 }

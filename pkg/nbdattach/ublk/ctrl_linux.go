@@ -28,7 +28,17 @@ type Control struct {
 	f    *os.File
 	ring *Ring
 	seq  uint64
+	// arg is the command's argument buffer. The kernel runs control
+	// commands in an io-wq worker and copies to and from it there, while
+	// this goroutine may be between two io_uring_enter calls (EINTR from
+	// the runtime's preemption signal): a buffer on the goroutine's stack
+	// could have moved by then (stack growth or shrinking) and the
+	// kernel's answer land in the old copy. A heap object never moves.
+	arg []byte
 }
+
+// ctrlArgMax is the largest control argument: struct ublk_params.
+const ctrlArgMax = 256
 
 // OpenControl opens /dev/ublk-control.
 func OpenControl() (*Control, error) {
@@ -44,7 +54,7 @@ func OpenControl() (*Control, error) {
 		f.Close()
 		return nil, err
 	}
-	return &Control{f: f, ring: r}, nil
+	return &Control{f: f, ring: r, arg: make([]byte, ctrlArgMax)}, nil
 }
 
 // Close releases the control node.
@@ -70,8 +80,12 @@ func (e *CmdError) Unwrap() error { return e.Err }
 func (c *Control) do(name string, op uint32, hdr ctrlCmd, buf []byte) (int32, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if len(buf) > len(c.arg) {
+		return 0, &CmdError{name, hdr.DevID, fmt.Errorf("argument of %d bytes", len(buf))}
+	}
 	if len(buf) > 0 {
-		hdr.Addr = uint64(uintptr(unsafe.Pointer(&buf[0])))
+		copy(c.arg, buf)
+		hdr.Addr = uint64(uintptr(unsafe.Pointer(&c.arg[0])))
 		hdr.Len = uint16(len(buf))
 	}
 	c.seq++
@@ -92,7 +106,8 @@ func (c *Control) do(name string, op uint32, hdr ctrlCmd, buf []byte) (int32, er
 			}
 		})
 	}
-	runtime.KeepAlive(buf)
+	runtime.KeepAlive(c.arg)
+	copy(buf, c.arg)
 	if err := cqe.Err(); err != nil {
 		return cqe.Res, &CmdError{name, hdr.DevID, err}
 	}

@@ -5,19 +5,23 @@
 // systems. The NBD device (DESIGN point 6) enforces zones but is never
 // zoned; this exporter sits behind the same nbdattach.Attacher interface.
 //
-// Model. A device has one queue served by one locked OS thread with its
-// own io_uring (128-byte SQEs, IORING_OP_URING_CMD): the driver binds every
-// tag to the task that fetched it. Control commands (ADD_DEV, SET_PARAMS,
-// START_DEV, STOP_DEV, DEL_DEV, GET_DEV_INFO, the user-recovery pair) go
-// through a ring on /dev/ublk-control. The queue thread fetches every tag,
-// reads each request's descriptor from the read-only mmap of /dev/ublkcN,
-// moves the payload with pread/pwrite on /dev/ublkcN at the user-copy
-// offset of (queue, tag) (UBLK_F_USER_COPY, which UBLK_F_ZONED requires),
-// runs it on the zoned engine and commits the result with
+// Model. A device has several hardware queues (Options.Queues, by default
+// one per CPU up to four; blk-mq maps each submitting CPU to one), each
+// served by its own locked OS thread with its own io_uring (128-byte SQEs,
+// IORING_OP_URING_CMD): the driver binds every tag to the task that
+// fetched it. Control commands (ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV,
+// DEL_DEV, GET_DEV_INFO, the user-recovery pair) go through a ring on
+// /dev/ublk-control. A queue thread fetches every tag of its queue, reads
+// each request's descriptor from its queue's read-only mmap of
+// /dev/ublkcN, moves the payload with pread/pwrite on /dev/ublkcN at the
+// user-copy offset of (queue, tag) (UBLK_F_USER_COPY, which UBLK_F_ZONED
+// requires), runs it on the zoned engine and commits the result with
 // COMMIT_AND_FETCH_REQ; a ZONE_APPEND commits the sector it wrote at in
-// zone_append_lba. Requests are served one at a time, in arrival order;
-// since Linux 6.10 the block layer's zone write plugging already keeps
-// one write per sequential zone in flight.
+// zone_append_lba. Within a queue requests are served one at a time, in
+// arrival order; queues run in parallel, as the engine allows (writes to
+// different zones, reads). Since Linux 6.10 the block layer's zone write
+// plugging keeps one write per sequential zone in flight, whatever the
+// queue, so one zone's writes stay ordered.
 //
 // Parameters come from the image: chunk_sectors = zone size, the image's
 // max open/active zones and max append size, 512-byte logical and 4 KiB

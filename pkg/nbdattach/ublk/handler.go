@@ -36,19 +36,20 @@ type reqData interface {
 
 // handler turns one io descriptor into backend calls and a result for
 // COMMIT_AND_FETCH_REQ: the byte count (READ, WRITE, REPORT_ZONES: the
-// kernel requeues the remainder of a short result), 0, or -errno.
+// kernel requeues the remainder of a short result), 0, or -errno. It is
+// shared by every queue of a device and safe for concurrent use: what one
+// request needs for itself lives in the reqBuf its caller passes.
 type handler struct {
 	b           Backend
 	g           zoned.Geometry
 	zoneSectors uint64
 	sectors     uint64 // exposed size in sectors (whole zones)
-	buf         []byte // one request's payload; requests are served one at a time
+	maxIO       int    // largest payload (max_io_buf_bytes)
 	// replayOK accepts a WRITE that ends exactly at its zone's write
 	// pointer and matches the data there: a request the previous server
 	// applied but did not commit, reissued after recovery
 	// (UBLK_F_USER_RECOVERY_REISSUE).
 	replayOK bool
-	scratch  []byte
 
 	counts [256]atomic.Uint64 // requests by UBLK_IO_OP_*
 	failed atomic.Uint64      // requests answered with an error
@@ -59,6 +60,16 @@ type Counts struct {
 	Reads, Writes, Appends, Flushes, Discards, WriteZeroes uint64
 	ZoneMgmt, Reports, Failed                              uint64
 }
+
+// reqBuf is the memory of one request being served: its payload, and the
+// data a reissued write is compared with. A queue serving its requests one
+// at a time needs one.
+type reqBuf struct {
+	buf     []byte // maxIO bytes
+	scratch []byte // allocated on the first replay check
+}
+
+func (h *handler) newBuf() *reqBuf { return &reqBuf{buf: make([]byte, h.maxIO)} }
 
 func (h *handler) snapshot() Counts {
 	c := func(op int) uint64 { return h.counts[op].Load() }
@@ -82,7 +93,7 @@ func newHandler(b Backend, maxIO int) (*handler, error) {
 	if whole == 0 {
 		return nil, fmt.Errorf("ublk: device of %d bytes holds no whole zone of %d bytes", g.Size, g.ZoneSize)
 	}
-	return &handler{b: b, g: g, zoneSectors: zs, sectors: whole * zs, buf: make([]byte, maxIO)}, nil
+	return &handler{b: b, g: g, zoneSectors: zs, sectors: whole * zs, maxIO: maxIO}, nil
 }
 
 func errnoRes(err error) int32 {
@@ -93,16 +104,16 @@ func errnoRes(err error) int32 {
 	return -int32(zoned.Errno(err))
 }
 
-func (h *handler) handle(d ioDesc, data reqData) (res int32, appendLBA uint64) {
+func (h *handler) handle(d ioDesc, data reqData, rb *reqBuf) (res int32, appendLBA uint64) {
 	h.counts[d.op()].Add(1)
-	res, appendLBA = h.serve(d, data)
+	res, appendLBA = h.serve(d, data, rb)
 	if res < 0 {
 		h.failed.Add(1)
 	}
 	return res, appendLBA
 }
 
-func (h *handler) serve(d ioDesc, data reqData) (res int32, appendLBA uint64) {
+func (h *handler) serve(d ioDesc, data reqData, rb *reqBuf) (res int32, appendLBA uint64) {
 	sector, n := d.StartSector, uint64(d.NrSectors)
 	off := int64(sector * zoned.SectorSize)
 	length := int64(n * zoned.SectorSize)
@@ -110,31 +121,31 @@ func (h *handler) serve(d ioDesc, data reqData) (res int32, appendLBA uint64) {
 	fua := d.OpFlags&ioFlagFUA != 0
 	switch d.op() {
 	case opRead, opWrite, opZoneAppend:
-		if !inRange || length > int64(len(h.buf)) {
+		if !inRange || length > int64(len(rb.buf)) {
 			return -int32(syscall.EINVAL), 0
 		}
 	}
 	switch d.op() {
 	case opRead:
-		p := h.buf[:length]
+		p := rb.buf[:length]
 		if _, err := h.b.ReadAt(p, off); err != nil {
 			return errnoRes(err), 0
 		}
 		return h.out(data, p)
 	case opWrite:
-		p, r := h.in(data, length)
+		p, r := h.in(data, rb, length)
 		if r < 0 {
 			return r, 0
 		}
 		if _, err := h.b.WriteAt(p, off, fua); err != nil {
-			if h.replayed(p, off, err) {
+			if h.replayed(rb, p, off, err) {
 				return int32(length), 0
 			}
 			return errnoRes(err), 0
 		}
 		return int32(length), 0
 	case opZoneAppend:
-		p, r := h.in(data, length)
+		p, r := h.in(data, rb, length)
 		if r < 0 {
 			return r, 0
 		}
@@ -167,14 +178,14 @@ func (h *handler) serve(d ioDesc, data reqData) (res int32, appendLBA uint64) {
 	case opZoneResetAll:
 		return errnoRes(h.b.Mgmt(zoned.OpResetAll, 0, h.g.Size)), 0
 	case opReportZones:
-		return h.report(d, data), 0
+		return h.report(d, data, rb), 0
 	}
 	return -int32(syscall.EOPNOTSUPP), 0
 }
 
 // replayed tells whether a refused write is the reissue of one already
 // applied: it ends at its zone's write pointer and the data is there.
-func (h *handler) replayed(p []byte, off int64, err error) bool {
+func (h *handler) replayed(rb *reqBuf, p []byte, off int64, err error) bool {
 	if !h.replayOK || !errors.Is(err, zoned.ErrNotAtWritePointer) && !errors.Is(err, zoned.ErrZoneFull) {
 		return false
 	}
@@ -190,10 +201,10 @@ func (h *handler) replayed(p []byte, off int64, err error) bool {
 	if uint64(off)+uint64(len(p)) != wp {
 		return false
 	}
-	if len(h.scratch) < len(p) {
-		h.scratch = make([]byte, len(h.buf))
+	if len(rb.scratch) < len(p) {
+		rb.scratch = make([]byte, len(rb.buf))
 	}
-	q := h.scratch[:len(p)]
+	q := rb.scratch[:len(p)]
 	if _, err := h.b.ReadAt(q, off); err != nil {
 		return false
 	}
@@ -201,8 +212,8 @@ func (h *handler) replayed(p []byte, off int64, err error) bool {
 }
 
 // in copies the request's payload into the buffer.
-func (h *handler) in(data reqData, length int64) ([]byte, int32) {
-	p := h.buf[:length]
+func (h *handler) in(data reqData, rb *reqBuf, length int64) ([]byte, int32) {
+	p := rb.buf[:length]
 	got, err := data.readIn(p, 0)
 	if err != nil {
 		return nil, errnoRes(err)
@@ -229,15 +240,15 @@ func (h *handler) out(data reqData, p []byte) (int32, uint64) {
 // (ublk_cmd.h). The kernel's buffer holds exactly nr_zones entries
 // whenever the report fits in one request (max_sectors*512/64 = 8192
 // zones with our parameters).
-func (h *handler) report(d ioDesc, data reqData) int32 {
+func (h *handler) report(d ioDesc, data reqData, rb *reqBuf) int32 {
 	nz := int64(d.NrSectors)
-	if d.StartSector%h.zoneSectors != 0 || d.StartSector >= h.sectors || nz == 0 || nz*blkZoneSize > int64(len(h.buf)) {
+	if d.StartSector%h.zoneSectors != 0 || d.StartSector >= h.sectors || nz == 0 || nz*blkZoneSize > int64(len(rb.buf)) {
 		return -int32(syscall.EINVAL)
 	}
 	first := int(d.StartSector / h.zoneSectors)
 	last := int(h.sectors / h.zoneSectors) // exposed zones
 	reps := h.b.Report(first, min(int(nz), last-first))
-	p := h.buf[:nz*blkZoneSize]
+	p := rb.buf[:nz*blkZoneSize]
 	clear(p)
 	for i, z := range reps {
 		blkZoneFrom(z).encode(p[i*blkZoneSize:])

@@ -3,6 +3,7 @@ package ublk
 import (
 	"bytes"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -54,6 +55,7 @@ func TestHandlerZoneSemantics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	rb := h.newBuf()
 	data := bytes.Repeat([]byte{0xab}, 4096)
 	req := &memReq{in: data}
 	steps := []struct {
@@ -84,20 +86,20 @@ func TestHandlerZoneSemantics(t *testing.T) {
 		{"unknown op", desc(opWriteSame, 0, 0, 8), -int32(syscall.EOPNOTSUPP), 0},
 	}
 	for _, s := range steps {
-		res, lba := h.handle(s.d, req)
+		res, lba := h.handle(s.d, req, rb)
 		if res != s.res || lba != s.lba {
 			t.Fatalf("%s: res %d lba %d, want %d %d", s.name, res, lba, s.res, s.lba)
 		}
 	}
 	// Data written reads back, and the rest of the zone reads as zeros.
-	if res, _ := h.handle(desc(opRead, 0, tSecs, 24), req); res != 24*512 {
+	if res, _ := h.handle(desc(opRead, 0, tSecs, 24), req, rb); res != 24*512 {
 		t.Fatalf("read: %d", res)
 	}
 	if !bytes.Equal(req.out[:8192], bytes.Repeat([]byte{0xab}, 8192)) || !bytes.Equal(req.out[8192:], make([]byte, 4096)) {
 		t.Fatal("read back differs")
 	}
 	// Report from zone 0: types, conditions and write pointers in sectors.
-	if res, _ := h.handle(desc(opReportZones, 0, 0, 8), req); res != 8*blkZoneSize {
+	if res, _ := h.handle(desc(opReportZones, 0, 0, 8), req, rb); res != 8*blkZoneSize {
 		t.Fatalf("report: %d", res)
 	}
 	want := []blkZone{
@@ -116,10 +118,10 @@ func TestHandlerZoneSemantics(t *testing.T) {
 		t.Errorf("counts %+v", c)
 	}
 	// Reset all, then every sequential zone is empty.
-	if res, _ := h.handle(desc(opZoneResetAll, 0, 0, 0), req); res != 0 {
+	if res, _ := h.handle(desc(opZoneResetAll, 0, 0, 0), req, rb); res != 0 {
 		t.Fatalf("reset all: %d", res)
 	}
-	h.handle(desc(opReportZones, 0, tSecs, 7), req)
+	h.handle(desc(opReportZones, 0, tSecs, 7), req, rb)
 	for i := range 7 {
 		if z := decodeBlkZone(req.out[i*blkZoneSize:]); z.Cond != uint8(zoned.CondEmpty) || z.WP != z.Start {
 			t.Errorf("after reset all, zone %d: %+v", i+1, z)
@@ -133,8 +135,9 @@ func TestHandlerReportShort(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	rb := h.newBuf()
 	req := &memReq{}
-	if res, _ := h.handle(desc(opReportZones, 0, 6*tSecs, 4), req); res != 4*blkZoneSize {
+	if res, _ := h.handle(desc(opReportZones, 0, 6*tSecs, 4), req, rb); res != 4*blkZoneSize {
 		t.Fatalf("report: %d", res)
 	}
 	if z := decodeBlkZone(req.out[2*blkZoneSize:]); z.Len != 0 {
@@ -153,12 +156,13 @@ func TestHandlerReplayedWrite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	rb := h.newBuf()
 	a := &memReq{in: bytes.Repeat([]byte{1}, 4096)}
 	b := &memReq{in: bytes.Repeat([]byte{2}, 4096)}
-	if res, _ := h.handle(desc(opWrite, 0, 0, 8), a); res != 4096 {
+	if res, _ := h.handle(desc(opWrite, 0, 0, 8), a, rb); res != 4096 {
 		t.Fatal(res)
 	}
-	if res, _ := h.handle(desc(opWrite, 0, 0, 8), a); res != -int32(syscall.EIO) {
+	if res, _ := h.handle(desc(opWrite, 0, 0, 8), a, rb); res != -int32(syscall.EIO) {
 		t.Fatalf("replay without reissue: %d", res)
 	}
 	h.replayOK = true
@@ -172,11 +176,45 @@ func TestHandlerReplayedWrite(t *testing.T) {
 		{"other data", b, 0, -int32(syscall.EIO)},
 		{"not ending at the WP", a, 8 + 8, -int32(syscall.EIO)},
 	} {
-		if res, _ := h.handle(desc(opWrite, 0, c.sec, 8), c.req); res != c.res {
+		if res, _ := h.handle(desc(opWrite, 0, c.sec, 8), c.req, rb); res != c.res {
 			t.Errorf("%s: %d, want %d", c.name, res, c.res)
 		}
 	}
 	if r := d.Report(0, 1)[0]; r.WP != 4096 {
 		t.Fatalf("WP moved: %+v", r)
+	}
+}
+
+// Queues share the handler, each with its own buffer: writers on
+// different zones and readers run at once (the race detector watches).
+func TestHandlerConcurrentQueues(t *testing.T) {
+	h, err := newHandler(testDevice(t, 0, 0), 64<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const queues, writes = 4, 32
+	var wg sync.WaitGroup
+	for q := range queues {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rb := h.newBuf()
+			z := uint64(q + 1)
+			req := &memReq{in: bytes.Repeat([]byte{byte(q + 1)}, 4096)}
+			for i := range uint64(writes) {
+				if res, _ := h.handle(desc(opWrite, 0, z*tSecs+i*8, 8), req, rb); res != 4096 {
+					t.Errorf("queue %d write %d: %d", q, i, res)
+					return
+				}
+				if res, _ := h.handle(desc(opRead, 0, z*tSecs, 8), req, rb); res != 4096 || !bytes.Equal(req.out, req.in) {
+					t.Errorf("queue %d read %d: %d", q, i, res)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if c := h.snapshot(); c.Writes != queues*writes || c.Reads != queues*writes || c.Failed != 0 {
+		t.Errorf("counts %+v", c)
 	}
 }

@@ -19,7 +19,11 @@ import (
 
 // Options configure a device.
 type Options struct {
-	QueueDepth int    // tags of the single queue; default 64
+	// Queues is the number of hardware queues, each served by a thread
+	// of its own; default min(NumCPU, 4). The kernel caps it at its
+	// number of CPUs. Recover serves as many queues as the device has.
+	Queues     int
+	QueueDepth int    // tags per queue; default 64
 	MaxIOBytes int    // largest request (max_io_buf_bytes); default 512 KiB
 	DevID      uint32 // with FixedID: the device number to create
 	FixedID    bool   // false: the kernel chooses the number
@@ -37,6 +41,10 @@ type Options struct {
 }
 
 func (o *Options) defaults() {
+	if o.Queues <= 0 {
+		o.Queues = defaultQueues(runtime.NumCPU())
+	}
+	o.Queues = min(o.Queues, maxQueues)
 	if o.QueueDepth <= 0 {
 		o.QueueDepth = 64
 	}
@@ -45,6 +53,11 @@ func (o *Options) defaults() {
 	}
 }
 
+// defaultQueues: a queue per CPU up to four. blk-mq sends a request to the
+// queue of the CPU that submitted it, so more queues than CPUs stay idle,
+// and every queue costs a thread, a ring and a payload buffer.
+func defaultQueues(cpus int) int { return max(1, min(cpus, 4)) }
+
 // Device is a served ublk device: /dev/ublkcN (ours) and /dev/ublkbN (the
 // kernel's host-managed zoned block device).
 type Device struct {
@@ -52,23 +65,46 @@ type Device struct {
 	Info   DevInfo // as negotiated by ADD_DEV
 	Params Params
 
-	ctrl    *Control
-	char    *os.File
-	h       *handler
-	depth   int
-	onError func(error)
+	ctrl     *Control
+	char     *os.File
+	fd       int // char's
+	h        *handler
+	depth    int
+	queues   []*queue
+	launched bool // the queue goroutines run (each sends once on its done)
+	onError  func(error)
 
 	stopping  atomic.Bool
 	abandoned atomic.Bool
-	// After Abandon's queue loop: the ring and the descriptor mapping,
-	// closed by Abandon once the queue's thread has exited.
-	leftRing  *Ring
-	leftDescs []byte
-	tid       int // the queue thread's
-	done      chan error
-	ended     chan struct{} // closed when the queue loop has returned
+	running   atomic.Int32  // queue loops not yet returned
+	ended     chan struct{} // closed when every queue loop has returned
 	stopOnce  sync.Once
 	stopErr   error
+}
+
+// queue is one hardware queue of a device, served by one locked thread
+// with its own ring, its own mapping of the queue's descriptors and its
+// own payload buffer.
+type queue struct {
+	id     uint16
+	rb     *reqBuf
+	served atomic.Uint64
+	done   chan error // the loop's result, sent once
+	// Written by the queue's thread, read after done.
+	tid int
+	// An abandoned queue's ring and descriptor mapping, closed by Abandon
+	// once every abandoned queue thread has exited.
+	leftRing  *Ring
+	leftDescs []byte
+}
+
+func newDevice(info DevInfo, ctrl *Control, h *handler, onError func(error)) *Device {
+	d := &Device{ID: info.DevID, Info: info, ctrl: ctrl, h: h, depth: int(info.QueueDepth), fd: -1, onError: onError, ended: make(chan struct{})}
+	for q := range max(int(info.NrHWQueues), 1) {
+		d.queues = append(d.queues, &queue{id: uint16(q), rb: h.newBuf(), done: make(chan error, 1)})
+	}
+	d.running.Store(int32(len(d.queues)))
+	return d
 }
 
 // ParamsFor returns the ublk parameters presenting g as a host-managed
@@ -113,14 +149,14 @@ func Start(b Backend, o Options) (_ *Device, err error) {
 		id = o.DevID
 	}
 	info, err := ctrl.AddDev(DevInfo{
-		NrHWQueues: 1, QueueDepth: uint16(o.QueueDepth), MaxIOBufBytes: uint32(o.MaxIOBytes), DevID: id,
+		NrHWQueues: uint16(o.Queues), QueueDepth: uint16(o.QueueDepth), MaxIOBufBytes: uint32(o.MaxIOBytes), DevID: id,
 		Flags: FlagUserCopy | FlagZoned | FlagCmdIoctlEncode | o.Flags, ServerFlags: o.Tag,
 	})
 	if err != nil {
 		ctrl.Close()
 		return nil, err
 	}
-	d := &Device{ID: info.DevID, Info: info, ctrl: ctrl, h: h, depth: int(info.QueueDepth), onError: o.OnError, done: make(chan error, 1), ended: make(chan struct{})}
+	d := newDevice(info, ctrl, h, o.OnError)
 	defer func() {
 		if err != nil {
 			d.teardown()
@@ -140,9 +176,8 @@ func Start(b Backend, o Options) (_ *Device, err error) {
 	if d.char, err = openWait(d.CharPath(), 5*time.Second); err != nil {
 		return nil, err
 	}
-	ready := make(chan error, 1)
-	go d.serve(ready)
-	if err := <-ready; err != nil {
+	d.fd = int(d.char.Fd())
+	if err := d.startQueues(); err != nil {
 		return nil, err
 	}
 	if err := ctrl.StartDev(d.ID, os.Getpid()); err != nil {
@@ -153,10 +188,11 @@ func Start(b Backend, o Options) (_ *Device, err error) {
 
 // Recover takes over device id, whose previous server died, with a new
 // server for b (UBLK_F_USER_RECOVERY): START_USER_RECOVERY (retried while
-// the kernel still releases the dead server's /dev/ublkcN), fetch every
-// tag, END_USER_RECOVERY. I/O queued in the meantime, and with
-// FlagUserRecoveryReissue the requests the dead server held, are then
-// served by b. The device's geometry must be b's.
+// the kernel still releases the dead server's /dev/ublkcN), every queue
+// fetches every tag, END_USER_RECOVERY. I/O queued in the meantime, and
+// with FlagUserRecoveryReissue the requests the dead server held, are
+// then served by b. The device's geometry must be b's; it keeps its
+// number of queues and their depth (o.Queues and o.QueueDepth are unused).
 func Recover(id uint32, b Backend, o Options) (_ *Device, err error) {
 	o.defaults()
 	h, err := newHandler(b, o.MaxIOBytes)
@@ -188,7 +224,8 @@ func Recover(id uint32, b Backend, o Options) (_ *Device, err error) {
 		return nil, err
 	}
 	h.replayOK = info.Flags&FlagUserRecoveryReissue != 0
-	d := &Device{ID: id, Info: info, Params: params, ctrl: ctrl, h: h, depth: int(info.QueueDepth), onError: o.OnError, done: make(chan error, 1), ended: make(chan struct{})}
+	d := newDevice(info, ctrl, h, o.OnError)
+	d.ID, d.Params = id, params
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		err = ctrl.StartUserRecovery(id)
@@ -205,7 +242,7 @@ func Recover(id uint32, b Backend, o Options) (_ *Device, err error) {
 		if err != nil {
 			d.stopping.Store(true)
 			if d.char != nil {
-				<-d.done
+				d.waitQueues(30 * time.Second)
 				d.char.Close()
 			}
 			ctrl.Close()
@@ -214,9 +251,11 @@ func Recover(id uint32, b Backend, o Options) (_ *Device, err error) {
 	if d.char, err = openWait(d.CharPath(), 5*time.Second); err != nil {
 		return nil, err
 	}
-	ready := make(chan error, 1)
-	go d.serve(ready)
-	if err := <-ready; err != nil {
+	d.fd = int(d.char.Fd())
+	// END_USER_RECOVERY only once every queue has fetched all its tags:
+	// the kernel waits for that itself, but a queue that failed to start
+	// would leave it waiting.
+	if err := d.startQueues(); err != nil {
 		return nil, err
 	}
 	if err := ctrl.EndUserRecovery(id, os.Getpid()); err != nil {
@@ -246,15 +285,25 @@ func (d *Device) BlockPath() string { return fmt.Sprintf("/dev/ublkb%d", d.ID) }
 // Counts returns the requests served so far.
 func (d *Device) Counts() Counts { return d.h.snapshot() }
 
+// QueueRequests returns the requests each hardware queue has served so
+// far: blk-mq sends a request to the queue of the CPU that submitted it.
+func (d *Device) QueueRequests() []uint64 {
+	out := make([]uint64, len(d.queues))
+	for i, q := range d.queues {
+		out[i] = q.served.Load()
+	}
+	return out
+}
+
 // State returns the kernel's view of the device.
 func (d *Device) State() (DevInfo, error) { return d.ctrl.GetDevInfo(d.ID) }
 
-// Done is closed when the device's queue has ended: it was stopped (by
+// Done is closed when the device's queues have all ended: it was stopped (by
 // Stop, or by STOP_DEV from another process, such as "zq-csi ublk
 // detach") or abandoned. Stop still releases what this process holds.
 func (d *Device) Done() <-chan struct{} { return d.ended }
 
-// Stop removes the block device (serving its last I/O), ends the queue and
+// Stop removes the block device (serving its last I/O), ends the queues and
 // deletes the device. A device another process stopped already only has
 // this process's side released.
 func (d *Device) Stop() error {
@@ -274,11 +323,11 @@ func (d *Device) Stop() error {
 // had died: with FlagUserRecovery the kernel keeps /dev/ublkbN and queues
 // its I/O until Recover in this or another process takes it over.
 //
-// The queue's thread exits (see serve), so the kernel cancels its fetches
-// in the exiting task, exactly as when the process is killed; only then
-// does Abandon close the ring and /dev/ublkcN, and it returns once the
-// kernel reports the device QUIESCED. Closing the ring while the thread
-// lives instead cancels the fetches in io_uring's asynchronous teardown,
+// Every queue's thread exits (see serve), so the kernel cancels its
+// fetches in the exiting task, exactly as when the process is killed; only
+// once all of them have exited does Abandon close any ring, then
+// /dev/ublkcN, and it returns once the kernel reports the device QUIESCED.
+// Closing a ring while its thread lives instead cancels the fetches in io_uring's asynchronous teardown,
 // where Linux 6.12 can hand a newly queued request to a fetch being
 // cancelled: the request is lost, the quiesce waits for it forever and
 // every later control command on the device hangs (seen in the VM lane:
@@ -287,20 +336,70 @@ func (d *Device) Stop() error {
 func (d *Device) Abandon() error {
 	var err error
 	d.stopOnce.Do(func() {
+		d.stopErr = errors.New("ublk: device abandoned")
 		d.abandoned.Store(true)
 		d.stopping.Store(true)
-		err = <-d.done
-		err = errors.Join(err, waitThreadGone(d.tid, 5*time.Second))
-		if d.leftDescs != nil {
-			unix.Munmap(d.leftDescs)
+		if err = d.waitQueues(30 * time.Second); errors.Is(err, errQueueStuck) {
+			// A loop still runs (a backend call that does not return):
+			// closing anything now could lose a request. Leave it all.
+			return
 		}
-		if d.leftRing != nil {
-			err = errors.Join(err, d.leftRing.Close())
+		for _, q := range d.queues {
+			if q.leftRing != nil {
+				if gerr := waitThreadGone(q.tid, 5*time.Second); gerr != nil {
+					err = errors.Join(err, gerr)
+					return // as above: no ring is closed while a queue thread lives
+				}
+			}
+		}
+		for _, q := range d.queues {
+			if q.leftDescs != nil {
+				unix.Munmap(q.leftDescs)
+			}
+			if q.leftRing != nil {
+				err = errors.Join(err, q.leftRing.Close())
+			}
 		}
 		err = errors.Join(err, d.char.Close(), d.waitQuiesced(10*time.Second), d.ctrl.Close())
-		d.stopErr = errors.New("ublk: device abandoned")
 	})
 	return err
+}
+
+// errQueueStuck: a queue loop did not return in time.
+var errQueueStuck = errors.New("ublk: queue loop did not end")
+
+// startQueues starts every queue's thread and waits until each has
+// fetched all its tags (or failed to).
+func (d *Device) startQueues() error {
+	ready := make(chan error, len(d.queues))
+	d.launched = true
+	for _, q := range d.queues {
+		go d.serve(q, ready)
+	}
+	var errs []error
+	for range d.queues {
+		errs = append(errs, <-ready)
+	}
+	return errors.Join(errs...)
+}
+
+// waitQueues collects every queue loop's result, giving up (errQueueStuck)
+// after limit.
+func (d *Device) waitQueues(limit time.Duration) error {
+	if !d.launched {
+		return nil
+	}
+	timeout := time.After(limit)
+	var errs []error
+	for _, q := range d.queues {
+		select {
+		case err := <-q.done:
+			errs = append(errs, err)
+		case <-timeout:
+			return errors.Join(append(errs, fmt.Errorf("%w: queue %d of device %d after %v", errQueueStuck, q.id, d.ID, limit))...)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // waitThreadGone waits until thread tid of this process has exited.
@@ -311,7 +410,7 @@ func waitThreadGone(tid int, limit time.Duration) error {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("ublk: the queue thread %d has not exited after %v", tid, limit)
+			return fmt.Errorf("ublk: queue thread %d has not exited after %v", tid, limit)
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -336,19 +435,13 @@ func (d *Device) waitQuiesced(limit time.Duration) error {
 	}
 }
 
-// teardown ends the queue loop (giving the kernel's aborts a moment to
+// teardown ends the queue loops (giving the kernel's aborts a moment to
 // arrive), releases the char device and deletes the device.
 func (d *Device) teardown() error {
 	var errs []error
 	d.stopping.Store(true)
 	if d.char != nil {
-		select {
-		case err := <-d.done:
-			errs = append(errs, err)
-		case <-time.After(30 * time.Second):
-			errs = append(errs, errors.New("ublk: queue loop did not end"))
-		}
-		errs = append(errs, d.char.Close())
+		errs = append(errs, d.waitQueues(30*time.Second), d.char.Close())
 	}
 	// DEL_DEV waits until every opener of /dev/ublkbN has closed it; a
 	// process still holding it must not hang the detach.
@@ -365,27 +458,28 @@ func (d *Device) report(err error) {
 
 // userCopy moves request payloads through /dev/ublkcN.
 type userCopy struct {
-	fd  int
-	tag uint16
+	fd     int
+	q, tag uint16
 }
 
 func (u userCopy) readIn(p []byte, off int64) (int, error) {
-	return unix.Pread(u.fd, p, userCopyPos(0, u.tag, off))
+	return unix.Pread(u.fd, p, userCopyPos(u.q, u.tag, off))
 }
 
 func (u userCopy) writeOut(p []byte, off int64) (int, error) {
-	return unix.Pwrite(u.fd, p, userCopyPos(0, u.tag, off))
+	return unix.Pwrite(u.fd, p, userCopyPos(u.q, u.tag, off))
 }
 
-// serve is the queue: one locked OS thread, since the driver binds every
+// serve runs queue q: one locked OS thread, since the driver binds every
 // tag to the task that fetched it, with its own ring. Requests are served
 // one at a time in arrival order; the block layer already keeps at most
-// one write per sequential zone in flight (zone write plugging).
+// one write per sequential zone in flight (zone write plugging), and
+// requests of different queues run in parallel.
 //
 // An abandoned queue (Abandon) returns with its thread still locked, so
 // the thread exits with the goroutine and the kernel cancels the thread's
 // fetches in task exit, as for a killed server.
-func (d *Device) serve(ready chan<- error) {
+func (d *Device) serve(q *queue, ready chan<- error) {
 	runtime.LockOSThread()
 	if unix.Gettid() == unix.Getpid() {
 		// The main thread never exits (Go wedges it instead): serve from
@@ -395,29 +489,31 @@ func (d *Device) serve(ready chan<- error) {
 		go func() {
 			runtime.LockOSThread()
 			close(locked)
-			d.serveLocked(ready)
+			d.serveLocked(q, ready)
 		}()
 		<-locked
 		runtime.UnlockOSThread()
 		return
 	}
-	d.serveLocked(ready)
+	d.serveLocked(q, ready)
 }
 
-// serveLocked runs the queue on the calling goroutine's locked thread.
-func (d *Device) serveLocked(ready chan<- error) {
-	err := d.loop(ready)
-	abandoned := d.abandoned.Load()
-	d.done <- err
-	close(d.ended)
-	if !abandoned {
+// serveLocked runs queue q on the calling goroutine's locked thread.
+func (d *Device) serveLocked(q *queue, ready chan<- error) {
+	err := d.loop(q, ready)
+	exits := q.leftRing != nil // abandoned: the thread must exit
+	q.done <- err
+	if d.running.Add(-1) == 0 {
+		close(d.ended)
+	}
+	if !exits {
 		runtime.UnlockOSThread()
 	}
 }
 
-func (d *Device) loop(ready chan<- error) (err error) {
-	d.tid = unix.Gettid()
-	fd := int(d.char.Fd())
+func (d *Device) loop(q *queue, ready chan<- error) (err error) {
+	q.tid = unix.Gettid()
+	fd := d.fd
 	ring, err := NewRing(uint32(d.depth), SetupSQE128)
 	if err != nil {
 		ready <- err
@@ -425,31 +521,32 @@ func (d *Device) loop(ready chan<- error) (err error) {
 	}
 	defer func() {
 		if d.abandoned.Load() {
-			d.leftRing = ring // closed by Abandon after this thread has exited
+			q.leftRing = ring // closed by Abandon after this thread has exited
 			return
 		}
 		ring.Close()
 	}()
-	// Queue q's descriptors live at q * (the size for UBLK_MAX_QUEUE_DEPTH).
-	descs, err := unix.Mmap(fd, 0, cmdBufSize(d.depth, os.Getpagesize()), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+	pg := os.Getpagesize()
+	descs, err := unix.Mmap(fd, descOffset(q.id, pg), cmdBufSize(d.depth, pg), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
-		err = fmt.Errorf("ublk: mmap %s: %w", d.CharPath(), err)
+		err = fmt.Errorf("ublk: mmap %s queue %d: %w", d.CharPath(), q.id, err)
 		ready <- err
 		return err
 	}
 	defer func() {
 		if d.abandoned.Load() {
-			d.leftDescs = descs
+			q.leftDescs = descs
 			return
 		}
 		unix.Munmap(descs)
 	}()
 	push := func(op uint32, c ioCmd) {
+		c.QID = q.id
 		sqe := SQE{Opcode: OpURingCmd, Fd: int32(fd), Off: uint64(op), UserData: uint64(c.Tag)}
 		c.encode(sqe.Cmd[:])
 		if err := ring.Push(&sqe); err != nil {
 			// Cannot happen: one SQE per completion, ring sized to the depth.
-			d.report(fmt.Errorf("ublk: tag %d: %w", c.Tag, err))
+			d.report(fmt.Errorf("ublk: queue %d tag %d: %w", q.id, c.Tag, err))
 		}
 	}
 	for tag := range d.depth {
@@ -474,15 +571,16 @@ func (d *Device) loop(ready chan<- error) (err error) {
 				return
 			case c.Res < 0:
 				live--
-				d.report(fmt.Errorf("ublk: tag %d: fetch/commit refused: %w", tag, c.Err()))
+				d.report(fmt.Errorf("ublk: queue %d tag %d: fetch/commit refused: %w", q.id, tag, c.Err()))
 				return
 			}
 			desc := decodeIODesc(descs[int(tag)*ioDescSize:])
-			res, lba := d.h.handle(desc, userCopy{fd: fd, tag: tag})
+			res, lba := d.h.handle(desc, userCopy{fd: fd, q: q.id, tag: tag}, q.rb)
+			q.served.Add(1)
 			push(ioCommitAndFetchReq, ioCmd{Tag: tag, Result: res, Addr: lba})
 		})
 		if d.abandoned.Load() {
-			return nil // closing the ring cancels the fetches
+			return nil // the thread exits; the kernel cancels the fetches
 		}
 		if d.stopping.Load() {
 			// After STOP_DEV every pending fetch completes with ABORT; if

@@ -100,11 +100,24 @@ func userCopyPos(q, tag uint16, off int64) int64 {
 // queue is sized for it when computing mmap offsets.
 const maxQueueDepth = 4096
 
+// maxQueues is UBLK_MAX_NR_QUEUES, the most hardware queues ADD_DEV takes.
+const maxQueues = 4096
+
 // cmdBufSize is the mmap size of a queue's descriptor array:
 // round_up(depth * sizeof(ublksrv_io_desc), PAGE_SIZE).
 func cmdBufSize(depth, pageSize int) int {
 	n := depth * ioDescSize
 	return (n + pageSize - 1) / pageSize * pageSize
+}
+
+// descOffset is the mmap offset of queue q's descriptor array on
+// /dev/ublkcN. ublk_ch_mmap finds the queue as (offset -
+// UBLKSRV_CMD_BUF_OFFSET) / ublk_max_cmd_buf_size(), the latter being the
+// array's size for UBLK_MAX_QUEUE_DEPTH tags, whatever the device's depth;
+// UBLKSRV_CMD_BUF_OFFSET is 0. The mapping's length must be the array's
+// size for the device's depth (cmdBufSize).
+func descOffset(q uint16, pageSize int) int64 {
+	return int64(q) * int64(cmdBufSize(maxQueueDepth, pageSize))
 }
 
 // ctrlCmd is struct ublksrv_ctrl_cmd.

@@ -41,6 +41,42 @@ func TestCommandEncoding(t *testing.T) {
 	}
 }
 
+// Queue q's descriptors are mapped at q times the area of
+// UBLK_MAX_QUEUE_DEPTH descriptors (ublk_ch_mmap), whatever the depth;
+// user-copy offsets carry the queue in bits 41 and up.
+func TestQueueOffsets(t *testing.T) {
+	for _, c := range []struct {
+		q        uint16
+		pageSize int
+		want     int64
+	}{
+		{0, 4096, 0},
+		{1, 4096, 98304},
+		{3, 4096, 3 * 98304},
+		{2, 65536, 2 * 131072}, // 96 KiB rounded up to 64 KiB pages
+	} {
+		if got := descOffset(c.q, c.pageSize); got != c.want {
+			t.Errorf("descOffset(%d, %d) = %d, want %d", c.q, c.pageSize, got, c.want)
+		}
+		if got := descOffset(c.q, c.pageSize); got%int64(c.pageSize) != 0 {
+			t.Errorf("descOffset(%d, %d) = %d is not page aligned", c.q, c.pageSize, got)
+		}
+	}
+	for _, c := range []struct {
+		q, tag uint16
+		off    int64
+		want   int64
+	}{
+		{0, 0, 0, 0x80000000},
+		{1, 0, 0, 0x80000000 + 1<<41},
+		{3, 63, 4096, 0x80000000 + 3<<41 + 63<<25 + 4096},
+	} {
+		if got := userCopyPos(c.q, c.tag, c.off); got != c.want {
+			t.Errorf("userCopyPos(%d, %d, %d) = %#x, want %#x", c.q, c.tag, c.off, got, c.want)
+		}
+	}
+}
+
 func TestParamsLayout(t *testing.T) {
 	g := zoned.Geometry{Size: 64 << 20, ZoneSize: 4 << 20, NrZones: 16, MaxOpen: 4, MaxActive: 40, MaxAppendBytes: 128 << 10}
 	p := ParamsFor(g, 512<<10)

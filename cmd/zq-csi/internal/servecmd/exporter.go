@@ -17,7 +17,7 @@ type zonedAttacher interface {
 // nbd never, auto when the kernel has zoned ublk, ublk likewise but a
 // node without it fails to start. Without one it returns what the node
 // lacks, which exporter=ublk volumes are told at NodeStageVolume.
-func newZonedAttacher(mode, stateDir string) (zonedAttacher, string, error) {
+func newZonedAttacher(mode, stateDir string, queues int) (zonedAttacher, string, error) {
 	switch mode {
 	case "nbd":
 		return nil, "the node plugin runs with --exporter=nbd", nil
@@ -28,7 +28,7 @@ func newZonedAttacher(mode, stateDir string) (zonedAttacher, string, error) {
 	var a zonedAttacher
 	err := probeZonedUblk()
 	if err == nil {
-		a, err = newUblkAttacher(stateDir)
+		a, err = newUblkAttacher(stateDir, queues)
 	}
 	if err != nil {
 		if mode == "ublk" {

@@ -55,6 +55,7 @@ func TestExporterFlag(t *testing.T) {
 		skip bool
 	}{
 		{args: []string{"--exporter", "zoned"}, want: "--exporter=zoned: must be auto, nbd or ublk"},
+		{args: []string{"--ublk-queues", "-2"}, want: "--ublk-queues=-2: must be 0 (one per CPU, at most 4) to 4096"},
 		{env: map[string]string{"ZQ_CSI_EXPORTER": "UBLK"}, want: "--exporter=UBLK: must be auto, nbd or ublk"},
 		// Required but missing: the node plugin does not start, and says
 		// what the node lacks.
@@ -74,7 +75,7 @@ func TestExporterFlag(t *testing.T) {
 }
 
 func TestNewZonedAttacherNBD(t *testing.T) {
-	a, why, err := newZonedAttacher("nbd", t.TempDir())
+	a, why, err := newZonedAttacher("nbd", t.TempDir(), 0)
 	if a != nil || err != nil || !strings.Contains(why, "--exporter=nbd") {
 		t.Fatalf("--exporter=nbd: %v %q %v; want no zoned attacher, and why", a, why, err)
 	}

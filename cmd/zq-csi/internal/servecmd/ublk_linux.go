@@ -44,12 +44,13 @@ func probeZonedUblk() error {
 // newUblkAttacher serves zoned volumes as /dev/ublkbN from this process,
 // which therefore marks itself an I/O flusher (as for nbd: the kernel
 // must not throttle the server its own writeback waits on).
-func newUblkAttacher(stateDir string) (zonedAttacher, error) {
+func newUblkAttacher(stateDir string, queues int) (zonedAttacher, error) {
 	if err := nbdattach.SetIOFlusher(); err != nil {
 		return nil, fmt.Errorf("prctl(PR_SET_IO_FLUSHER): %w", err)
 	}
 	a, err := ublk.NewAttacher(ublk.AttacherOptions{
 		StateDir: stateDir,
+		Device:   ublk.Options{Queues: queues},
 		OnServeError: func(volumeID string, err error) {
 			klog.ErrorS(err, "ublk device serving failed", "volumeID", volumeID)
 		},
