@@ -9,7 +9,7 @@
 # the work tree, keyed by its version.
 #
 # Environment:
-#   ZQ_VM_CACHE        cache root (default /var/cache/zq-csi/vm)
+#   ZQ_VM_CACHE        cache root (default $ZQ_CACHE/vm, ZQ_CACHE defaulting to /var/cache/zq-csi)
 #   ZQ_VM_ACCEL        tcg (default) or kvm
 #   ZQ_VM_TIMEOUT      seconds before the VM is killed (default 900)
 #   ZQ_VM_MIB          MiB written per I/O test and per dd run (default 64)
@@ -41,7 +41,7 @@ done
 [ -n "$BUSYBOX" ] || skip_or_fail "no static busybox (apt-get install busybox-static)"
 command -v apt-get >/dev/null || skip_or_fail "apt-get missing: the kernel comes from Debian's packages"
 
-CACHE=${ZQ_VM_CACHE:-/var/cache/zq-csi/vm}
+CACHE=${ZQ_VM_CACHE:-${ZQ_CACHE:-/var/cache/zq-csi}/vm}
 mkdir -p "$CACHE"
 t0=$(date +%s)
 
