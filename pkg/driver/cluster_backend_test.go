@@ -480,3 +480,56 @@ func TestCRDsMatchTheCode(t *testing.T) {
 }
 
 var _ dynamic.Interface = (*fake.FakeDynamicClient)(nil)
+
+// TestNodeAgentFollowsServedZones: the zone summary of a volume staged on
+// the node follows the guest's writes (ZonesEvery) and its unstaging, not
+// only the slow resync.
+func TestNodeAgentFollowsServedZones(t *testing.T) {
+	f := newClusterFixture(t, false)
+	ctx, cancel := context.WithCancel(context.Background())
+	agent := NewNodeAgent(f.c, f.images, NodeAgentConfig{Node: "n1", Attacher: "file", MaxVolumes: 8,
+		Resync: time.Hour, CapacityEvery: time.Hour, ZonesEvery: 50 * time.Millisecond})
+	wait, err := agent.Start(ctx)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	f.stop = func() { cancel(); wait() }
+	id := mustCreateCluster(t, f, "pvc-z", 4*mib, map[string]string{"zone.size": "1M"}).GetVolumeId()
+	summary := func() string {
+		zv := f.volume(t, id)
+		if zv.Status.Zones == nil {
+			return ""
+		}
+		return zv.Status.Zones.Summary
+	}
+	waitFor := func(want string) {
+		t.Helper()
+		for end := time.Now().Add(10 * time.Second); !strings.Contains(summary(), want); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(end) {
+				t.Fatalf("zone summary %q never showed %q", summary(), want)
+			}
+		}
+	}
+	waitFor("empty=4")
+	s, err := f.images.acquire(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.dev.WriteAt(make([]byte, 4096), 1*mib, false); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("open=1") // while served, from the live device
+	// Staging itself triggered a refresh; only the periodic one sees this.
+	if _, err := s.dev.WriteAt(make([]byte, 4096), 2*mib, false); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("open=2")
+	if err := f.images.release(id); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("closed=2") // unstaged: the zones were closed with the device
+	if got := f.images.Served(); len(got) != 0 {
+		t.Fatalf("Served() after release = %v", got)
+	}
+}

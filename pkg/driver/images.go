@@ -3,6 +3,7 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -27,6 +28,44 @@ type Images struct {
 
 	mu    sync.Mutex
 	slots map[string]*imageSlot
+	// onServe, when set, hears of a volume whose device was opened for
+	// serving or closed (the node agent refreshes its zone summary).
+	onServe func(id string)
+}
+
+// notifyServe tells onServe that volume id was staged or unstaged.
+func (m *Images) notifyServe(id string) {
+	m.mu.Lock()
+	f := m.onServe
+	m.mu.Unlock()
+	if f != nil {
+		f(id)
+	}
+}
+
+// setOnServe sets the callback notifyServe calls.
+func (m *Images) setOnServe(f func(id string)) {
+	m.mu.Lock()
+	m.onServe = f
+	m.mu.Unlock()
+}
+
+// Served returns the volumes whose devices are open for serving.
+func (m *Images) Served() []string {
+	m.mu.Lock()
+	slots := make(map[string]*imageSlot, len(m.slots))
+	maps.Copy(slots, m.slots)
+	m.mu.Unlock()
+	var ids []string
+	for id, s := range slots {
+		s.mu.Lock()
+		if s.dev != nil {
+			ids = append(ids, id)
+		}
+		s.mu.Unlock()
+	}
+	slices.Sort(ids)
+	return ids
 }
 
 // imageSlot serializes everything done to one volume image in this process.
@@ -508,6 +547,7 @@ func (m *Images) acquire(id string) (*imageSlot, error) {
 	defer s.mu.Unlock()
 	s.health = nil
 	if s.dev == nil {
+		defer m.notifyServe(id)
 		if _, err := os.Stat(s.path); err != nil {
 			return nil, errorf(ErrNotFound, "volume %s has no image on this node: %w", id, err)
 		}
@@ -533,6 +573,7 @@ func (m *Images) release(id string) error {
 	dev := s.dev
 	s.dev = nil
 	s.gate.Unlock()
+	defer m.notifyServe(id)
 	return dev.Close()
 }
 

@@ -34,7 +34,11 @@ type NodeAgentConfig struct {
 	// CapacityEvery is the ZonedNode report period; default 30 seconds.
 	// Image work also triggers a report.
 	CapacityEvery time.Duration
-	Workers       int // default 2
+	// ZonesEvery refreshes the zone summary of the volumes staged here
+	// this often (a status write only when the counts changed); default
+	// 15 seconds. Staging and unstaging refresh it at once.
+	ZonesEvery time.Duration
+	Workers    int // default 2
 }
 
 // NodeAgent is the node side of the cluster backend (DESIGN.md point 7):
@@ -70,6 +74,9 @@ func NewNodeAgent(c dynamic.Interface, images *Images, cfg NodeAgentConfig) *Nod
 	}
 	if cfg.Workers == 0 {
 		cfg.Workers = 2
+	}
+	if cfg.ZonesEvery == 0 {
+		cfg.ZonesEvery = 15 * time.Second
 	}
 	return &NodeAgent{c: c, images: images, cfg: cfg,
 		local:    &localBackend{node: cfg.Node, images: images},
@@ -129,8 +136,11 @@ func (a *NodeAgent) Start(ctx context.Context) (wait func(), err error) {
 		})
 	}
 	wg.Go(func() { a.capacityLoop(ctx) })
+	a.images.setOnServe(func(id string) { a.queue.Add(keyVolume + id) })
+	wg.Go(func() { a.zonesLoop(ctx) })
 	wg.Go(func() {
 		<-ctx.Done()
+		a.images.setOnServe(nil)
 		a.queue.ShutDown()
 	})
 	klog.InfoS("Node agent started", "node", a.cfg.Node)
@@ -177,6 +187,24 @@ func (a *NodeAgent) capacityLoop(ctx context.Context) {
 		}
 		if err := a.reportNode(ctx); err != nil && ctx.Err() == nil {
 			klog.ErrorS(err, "Reporting node capacity", "node", a.cfg.Node)
+		}
+	}
+}
+
+// zonesLoop re-reconciles the volumes staged here every ZonesEvery, so
+// their zone summary (kubectl get zonedvolumes) follows the writes; the
+// status is written only when it changed.
+func (a *NodeAgent) zonesLoop(ctx context.Context) {
+	t := time.NewTicker(a.cfg.ZonesEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, id := range a.images.Served() {
+			a.queue.Add(keyVolume + id)
 		}
 	}
 }
