@@ -55,15 +55,21 @@ func serve(t *testing.T, cfg Config) func() error {
 	return stop
 }
 
+// waitForFile waits until a server accepts connections on the socket at
+// path. Its mere existence is not enough: the tests leave a stale socket
+// there first, which Serve must replace.
 func waitForFile(t *testing.T, path string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if st, err := os.Lstat(path); err == nil && st.Mode().Type() == os.ModeSocket {
-			return
+			if c, err := net.Dial("unix", path); err == nil {
+				c.Close()
+				return
+			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no socket at %s after 10s", path)
+			t.Fatalf("nothing accepts connections on %s after 10s", path)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
