@@ -561,6 +561,38 @@ Y
 }
 run_test "an invalid StorageClass parameter leaves the PVC Pending with an event naming it" t_invalid
 
+t_exporter_ublk() { # this node has no zoned ublk: an exporter=ublk volume cannot live here
+  kubectl apply -f - >/dev/null <<Y
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: zq-csi-ublk}
+provisioner: $DRIVER
+volumeBindingMode: WaitForFirstConsumer
+parameters: {zone.size: 64M, exporter: ublk}
+Y
+  [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.metadata.labels.topology\.zq-csi/exporter}')" = nbd ]
+  echo "node $NODE_NAME: topology.zq-csi/exporter=nbd"
+  pvc needsublk 512Mi zq-csi-ublk
+  pod ublkuser needsublk
+  # The scheduler sees no capacity for the class on this node (GetCapacity
+  # is 0 for exporter=ublk on nbd nodes), or, if it ever got that far,
+  # CreateVolume refuses the node naming ublk.
+  local ev='' i
+  for i in $(seq 1 90); do
+    ev=$(kubectl -n e2e get events --field-selector involvedObject.name=needsublk,reason=ProvisioningFailed -o jsonpath='{.items[*].message}' 2>/dev/null | grep -o '[^.]*ublk[^.]*' | head -1 || true)
+    [ -n "$ev" ] && break
+    ev=$(kubectl -n e2e get events --field-selector involvedObject.name=ublkuser,reason=FailedScheduling -o jsonpath='{.items[*].message}' 2>/dev/null | grep -o '[^.]*enough free storage[^.]*' | head -1 || true)
+    [ -n "$ev" ] && break
+    sleep 1
+  done
+  [ -n "$ev" ] || { echo "no event about the exporter=ublk PVC or its pod"; return 1; }
+  echo "event: $ev"
+  [ "$(kubectl -n e2e get pvc needsublk -o jsonpath='{.status.phase}')" = Pending ]
+  kubectl -n e2e delete pod ublkuser --wait=false >/dev/null; kubectl -n e2e delete pvc needsublk --wait=false >/dev/null
+  kubectl delete storageclass zq-csi-ublk >/dev/null
+}
+run_test "exporter: ublk on a node without zoned ublk: the PVC stays Pending (the class has no capacity on nbd nodes)" t_exporter_ublk
+
 
 rm -rf "$datadir" "$zqbin"
 teardown
