@@ -149,7 +149,8 @@ t1=$(date +%s)
 # twice, saying so: under multi-threaded TCG the guest kernel's own code
 # patching at boot (int3-based text_poke) has been seen to oops in
 # sched_clock_cpu before any of our code ran. A failure after our /init
-# started is never retried.
+# started (its "ZQVM: BEGIN" line, which may follow the firmware's screen
+# escapes on the same line) is never retried.
 for boot in 1 2 3; do
   set +e
   timeout "${ZQ_VM_TIMEOUT:-900}" qemu-system-x86_64 "${QACCEL[@]}" -m 2048 -smp 2 -nographic -no-reboot \
@@ -157,7 +158,7 @@ for boot in 1 2 3; do
     -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" </dev/null 2>&1 | tee "$LOG" | sed -u 's/^/  vm| /'
   qrc=${PIPESTATUS[0]}
   set -e
-  if grep -q '^ZQVM: BEGIN' <(tr -d '\r' < "$LOG") || [ "$qrc" = 124 ] || [ $boot = 3 ]; then
+  if grep -q 'ZQVM: BEGIN' "$LOG" || [ "$qrc" = 124 ] || [ $boot = 3 ]; then
     break
   fi
   cp "$LOG" "$W/console-boot$boot.log"
