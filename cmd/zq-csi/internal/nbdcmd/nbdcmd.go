@@ -213,16 +213,19 @@ func runRecover(e Env, args []string) error {
 	return rerr
 }
 
-// serveUntilDone waits for every volume to stop being served, or for a
-// signal, which stops gracefully.
-func serveUntilDone(e Env, a *nbdattach.NetlinkAttacher, vols []string) error {
+// WaitServed waits until none of vols is served any more (served says
+// when each stops: their devices were detached, here or from another
+// process) or until SIGTERM or SIGINT arrives, which it returns (nil when
+// the volumes ended). The attach commands of nbd and ublk serve in the
+// foreground through it.
+func WaitServed(served func(volumeID string) (<-chan struct{}, bool), vols []string) os.Signal {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sig)
 	all := make(chan struct{})
 	go func() {
 		for _, v := range vols {
-			if done, ok := a.Served(v); ok {
+			if done, ok := served(v); ok {
 				<-done
 			}
 		}
@@ -232,11 +235,21 @@ func serveUntilDone(e Env, a *nbdattach.NetlinkAttacher, vols []string) error {
 	case <-all:
 		return nil
 	case s := <-sig:
-		fmt.Fprintf(e.Stderr, "zq-csi nbd: %v: draining, flushing and parking the device(s) for 'zq-csi nbd recover'\n", s)
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		return a.Shutdown(ctx)
+		return s
 	}
+}
+
+// serveUntilDone waits for every volume to stop being served, or for a
+// signal, which stops gracefully.
+func serveUntilDone(e Env, a *nbdattach.NetlinkAttacher, vols []string) error {
+	s := WaitServed(a.Served, vols)
+	if s == nil {
+		return nil
+	}
+	fmt.Fprintf(e.Stderr, "zq-csi nbd: %v: draining, flushing and parking the device(s) for 'zq-csi nbd recover'\n", s)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return a.Shutdown(ctx)
 }
 
 func runDetach(e Env, args []string) error {

@@ -21,10 +21,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
-	"os/signal"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/nbdcmd"
@@ -216,29 +213,15 @@ func closeAll(cs []io.Closer) error {
 // until a signal, which leaves the devices to "zq-csi ublk recover". The
 // images are closed (flushed) either way.
 func serveUntilDone(e Env, a *ublk.Attacher, vols []string, images []io.Closer) error {
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sig)
-	all := make(chan struct{})
-	go func() {
-		for _, v := range vols {
-			if done, ok := a.Served(v); ok {
-				<-done
-			}
-		}
-		close(all)
-	}()
-	select {
-	case <-all:
-		var errs []error
-		for _, v := range vols {
-			errs = append(errs, a.Detach(context.Background(), v))
-		}
-		return errors.Join(append(errs, closeAll(images))...)
-	case s := <-sig:
+	if s := nbdcmd.WaitServed(a.Served, vols); s != nil {
 		fmt.Fprintf(e.Stderr, "zq-csi ublk: %v: leaving the device(s) to 'zq-csi ublk recover' (their I/O waits)\n", s)
 		return errors.Join(a.Abandon(), closeAll(images))
 	}
+	var errs []error
+	for _, v := range vols {
+		errs = append(errs, a.Detach(context.Background(), v))
+	}
+	return errors.Join(append(errs, closeAll(images))...)
 }
 
 func runDetach(e Env, args []string) error {
