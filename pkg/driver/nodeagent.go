@@ -283,6 +283,22 @@ func (a *NodeAgent) writeStatus(ctx context.Context, gvr schema.GroupVersionReso
 	return err
 }
 
+// finishDeletion ends the deletion of a resource of this node: del
+// removes its image, then the finalizer goes (and capacity is reported
+// again); while del fails, failed(err) is written as its status (phase
+// Deleting) and the work is retried.
+func (a *NodeAgent) finishDeletion(ctx context.Context, gvr schema.GroupVersionResource, u *unstructured.Unstructured,
+	finalizers []string, del func() error, failed func(error) any) error {
+	if !slices.Contains(finalizers, finalizerImage) {
+		return nil
+	}
+	if err := del(); err != nil {
+		return errors.Join(err, a.writeStatus(ctx, gvr, u, failed(err)))
+	}
+	a.kick()
+	return a.removeFinalizer(ctx, gvr, u)
+}
+
 func (a *NodeAgent) reconcileVolume(ctx context.Context, name string) error {
 	u, err := a.cached(a.vols, name)
 	if err != nil || u == nil {
@@ -296,17 +312,17 @@ func (a *NodeAgent) reconcileVolume(ctx context.Context, name string) error {
 		return nil
 	}
 	if zv.DeletionTimestamp != nil {
-		if !slices.Contains(zv.Finalizers, finalizerImage) {
+		return a.finishDeletion(ctx, gvrVolume, u, zv.Finalizers, func() error {
+			if err := a.images.Delete(name); err != nil {
+				return err
+			}
+			klog.InfoS("Node agent deleted volume image", "volumeID", name)
 			return nil
-		}
-		if err := a.images.Delete(name); err != nil {
+		}, func(err error) any {
 			st := zv.Status
 			st.Phase, st.Reason, st.Error = phaseDeleting, errorReason(err), err.Error()
-			return errors.Join(err, a.writeStatus(ctx, gvrVolume, u, &st))
-		}
-		klog.InfoS("Node agent deleted volume image", "volumeID", name)
-		a.kick()
-		return a.removeFinalizer(ctx, gvrVolume, u)
+			return &st
+		})
 	}
 	st := zonedVolumeStatus{ObservedGeneration: zv.Generation, ImagePath: a.images.VolumePath(name)}
 	geo, werr := a.ensureVolume(zv)
@@ -382,16 +398,12 @@ func (a *NodeAgent) reconcileSnapshot(ctx context.Context, name string) error {
 		return nil
 	}
 	if zs.DeletionTimestamp != nil {
-		if !slices.Contains(zs.Finalizers, finalizerImage) {
-			return nil
-		}
-		if err := a.images.DeleteSnapshot(name); err != nil {
-			st := zs.Status
-			st.Phase, st.Reason, st.Error = phaseDeleting, errorReason(err), err.Error()
-			return errors.Join(err, a.writeStatus(ctx, gvrSnapshot, u, &st))
-		}
-		a.kick()
-		return a.removeFinalizer(ctx, gvrSnapshot, u)
+		return a.finishDeletion(ctx, gvrSnapshot, u, zs.Finalizers, func() error { return a.images.DeleteSnapshot(name) },
+			func(err error) any {
+				st := zs.Status
+				st.Phase, st.Reason, st.Error = phaseDeleting, errorReason(err), err.Error()
+				return &st
+			})
 	}
 	ready := func(id string, obj *unstructured.Unstructured, gen int64) error {
 		return a.writeStatus(ctx, gvrSnapshot, obj, &zonedSnapshotStatus{Phase: phaseReady, ObservedGeneration: gen,
