@@ -77,6 +77,18 @@ func zonedImage(t *testing.T, path string, size, zs uint64, conv uint32) {
 	}
 }
 
+// openZoned creates a zoned image at path (zonedImage) and opens it as a
+// device; the caller (or the attacher it hands the device to) closes it.
+func openZoned(t *testing.T, path string, size, zs uint64, conv uint32) *zoned.Device {
+	t.Helper()
+	zonedImage(t, path, size, zs, conv)
+	d, err := zoned.Open(path, zoned.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
 func waitGone(t *testing.T, path string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)

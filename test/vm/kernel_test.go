@@ -584,14 +584,8 @@ func TestZonedThroughKernel(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	img := filepath.Join(dir, "z.qcow2")
-	zs, conv := uint64(4<<20), uint32(1)
-	if _, err := qcow2.Create(img, qcow2.CreateOptions{Size: 16 << 20, Zoned: &qcow2.ZonedOptions{ZoneSize: &zs, ConventionalZones: &conv}}); err != nil {
-		t.Fatal(err)
-	}
-	d, err := zoned.Open(img, zoned.OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	zs := uint64(4 << 20)
+	d := openZoned(t, img, 16<<20, zs, 1)
 	a := newAttacher(t, filepath.Join(dir, "state"))
 	att, err := a.Attach(ctx, nbdattach.AttachRequest{VolumeID: "vol-zoned", ImagePath: img, Backend: nbdattach.ZonedBackend{D: d}})
 	if err != nil {

@@ -521,14 +521,8 @@ func TestUblkAttacher(t *testing.T) {
 	ctx := t.Context()
 	dir := t.TempDir()
 	img := filepath.Join(dir, "a.qcow2")
-	zs, conv := uint64(4<<20), uint32(1)
-	if _, err := qcow2.Create(img, qcow2.CreateOptions{Size: 32 << 20, Zoned: &qcow2.ZonedOptions{ZoneSize: &zs, ConventionalZones: &conv}}); err != nil {
-		t.Fatal(err)
-	}
-	d, err := zoned.Open(img, zoned.OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	zs := uint64(4 << 20)
+	d := openZoned(t, img, 32<<20, zs, 1)
 	defer d.Close()
 	state := filepath.Join(dir, "state")
 	a1, err := ublk.NewAttacher(ublk.AttacherOptions{StateDir: state})
