@@ -22,6 +22,8 @@ $bin img check "$img"
 if command -v nbdinfo >/dev/null; then
   echo; echo "== served over NBD (zq-csi img serve, started by nbdinfo): the zq:zones map"
   nbdinfo --map=zq:zones -- [ "$bin" img serve "$img" ] | head -8
+else
+  echo; echo "== (apt-get install libnbd-bin to see the image served over NBD here: nbdinfo --map=zq:zones)"
 fi
 if command -v qemu-img >/dev/null; then
   echo; echo "== qemu-img without zoned support refuses the image by name:"
