@@ -36,6 +36,8 @@ type Device struct {
 	// writes a pointer older than a reset that raced with it.
 	flushMu sync.Mutex
 	durable []uint64 // the write pointers in the image's table
+
+	warnings []string // zone limits Open clamped (see Warnings)
 }
 
 // OpenOptions control Open.
@@ -57,22 +59,29 @@ func Open(path string, o OpenOptions) (*Device, error) {
 	return d, nil
 }
 
-// GeometryOf returns the zone geometry an image's zoned extension describes.
-func GeometryOf(inf qcow2.Info) (Geometry, error) {
+// GeometryOf returns the zone geometry an image's zoned extension
+// describes, with zone limits that are too large clamped (spec §2: clamped
+// and reported, not refused; see Geometry.Clamp): warnings says what was
+// changed, for the caller to print. The image is not modified.
+func GeometryOf(inf qcow2.Info) (g Geometry, warnings []string, err error) {
 	z := inf.Zoned
 	if z == nil {
-		return Geometry{}, fmt.Errorf("%w: the image has no zoned extension (create it with -o zone.mode=host-managed)", ErrInvalidGeometry)
+		return Geometry{}, nil, fmt.Errorf("%w: the image has no zoned extension (create it with -o zone.mode=host-managed)", ErrInvalidGeometry)
 	}
-	g := Geometry{
+	g = Geometry{
 		Size: inf.VirtualSize, ZoneSize: z.ZoneSize, ZoneCapacity: z.ZoneCapacity, NrZones: z.NrZones,
 		Conventional: z.ConventionalZones, MaxOpen: z.MaxOpenZones, MaxActive: z.MaxActiveZones,
 		MaxAppendBytes: z.MaxAppendBytes,
 	}
-	return g, g.Validate()
+	g, warnings = g.Clamp()
+	if err := g.Validate(); err != nil {
+		return Geometry{}, nil, err
+	}
+	return g, warnings, nil
 }
 
 func newDevice(img *qcow2.Image, path string, ro bool) (*Device, error) {
-	g, err := GeometryOf(img.Info())
+	g, warnings, err := GeometryOf(img.Info())
 	if err != nil {
 		return nil, err
 	}
@@ -98,7 +107,7 @@ func newDevice(img *qcow2.Image, path string, ro bool) (*Device, error) {
 		lt.close()
 		return nil, err
 	}
-	d := &Device{img: img, m: m, g: g, ro: ro, live: lt, durable: slices.Clone(durable)}
+	d := &Device{img: img, m: m, g: g, ro: ro, live: lt, durable: slices.Clone(durable), warnings: warnings}
 	if !ro {
 		// Make what we recovered durable now, so the durable table is
 		// current before anything new is written.
@@ -116,6 +125,11 @@ func newDevice(img *qcow2.Image, path string, ro bool) (*Device, error) {
 
 // Geometry returns the zone geometry.
 func (d *Device) Geometry() Geometry { return d.g }
+
+// Warnings says which of the image's zone limits were too large and were
+// lowered for this device (spec §2), one line each, for the caller to
+// show; nil when none were. The image itself is left as it is.
+func (d *Device) Warnings() []string { return d.warnings }
 
 // Machine returns the zone state machine (for reports and counters).
 func (d *Device) Machine() *Machine { return d.m }

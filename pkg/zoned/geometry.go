@@ -50,9 +50,35 @@ func ZoneCount(size, zoneSize uint64) uint64 {
 	return n
 }
 
+// Clamp lowers zone limits that are too large, as spec §2 (and the seed)
+// require of an image's header: max_active_zones above nr_zones becomes
+// nr_zones, max_open_zones above the sequential zones becomes their
+// number, and max_open_zones above a non-zero max_active_zones becomes
+// max_active_zones. It returns the geometry to run with and one warning
+// per change, naming the option, its value and the value used, for the
+// caller to print; g is returned unchanged with no warnings when its limits
+// fit.
+func (g Geometry) Clamp() (Geometry, []string) {
+	var warnings []string
+	if g.MaxActive > g.NrZones {
+		warnings = append(warnings, fmt.Sprintf("zone.max_active_zones=%d exceeds the number of zones %d; using %d", g.MaxActive, g.NrZones, g.NrZones))
+		g.MaxActive = g.NrZones
+	}
+	if seq := g.SequentialZones(); g.Conventional < g.NrZones && g.MaxOpen > seq {
+		warnings = append(warnings, fmt.Sprintf("zone.max_open_zones=%d exceeds the number of sequential zones %d; using %d", g.MaxOpen, seq, seq))
+		g.MaxOpen = seq
+	}
+	if g.MaxActive != 0 && g.MaxOpen > g.MaxActive {
+		warnings = append(warnings, fmt.Sprintf("zone.max_open_zones=%d exceeds zone.max_active_zones=%d; using %d", g.MaxOpen, g.MaxActive, g.MaxActive))
+		g.MaxOpen = g.MaxActive
+	}
+	return g, warnings
+}
+
 // Validate applies the rules of spec §2 to g. Limits that are too large are
-// errors here: clamping them (and warning) is the caller's decision, made
-// before the geometry reaches the engine.
+// errors here: the engine runs with consistent limits, and lowering them
+// (Clamp, with a warning) is the caller's decision, made before the
+// geometry reaches the engine.
 func (g Geometry) Validate() error {
 	bad := func(field string, v uint64, rule string) error {
 		return &GeometryError{Field: field, Value: v, Rule: rule}

@@ -2,6 +2,7 @@ package zoned
 
 import (
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -127,5 +128,42 @@ func TestGeometryHelpers(t *testing.T) {
 		if got := ZoneCount(c.size, c.zs); got != c.want {
 			t.Errorf("ZoneCount(%d, %d) = %d, want %d", c.size, c.zs, got, c.want)
 		}
+	}
+}
+
+// TestGeometryClamp: limits that are too large are lowered with one warning
+// per change (spec §2), in the seed's order; limits that fit are kept.
+func TestGeometryClamp(t *testing.T) {
+	for _, tc := range []struct {
+		name           string
+		open, active   uint32
+		wOpen, wActive uint32
+		warnings       []string
+	}{
+		{"fit", 3, 5, 3, 5, nil},
+		{"no limits", 0, 0, 0, 0, nil},
+		{"active above nr_zones", 0, 100, 0, 8, []string{"zone.max_active_zones=100 exceeds the number of zones 8; using 8"}},
+		{"open above sequential", 9, 0, 7, 0, []string{"zone.max_open_zones=9 exceeds the number of sequential zones 7; using 7"}},
+		{"open above active", 4, 3, 3, 3, []string{"zone.max_open_zones=4 exceeds zone.max_active_zones=3; using 3"}},
+		{"all three", 100, 100, 7, 8, []string{
+			"zone.max_active_zones=100 exceeds the number of zones 8; using 8",
+			"zone.max_open_zones=100 exceeds the number of sequential zones 7; using 7",
+		}},
+		{"open above both", 9, 6, 6, 6, []string{
+			"zone.max_open_zones=9 exceeds the number of sequential zones 7; using 7",
+			"zone.max_open_zones=7 exceeds zone.max_active_zones=6; using 6",
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := base()
+			g.MaxOpen, g.MaxActive = tc.open, tc.active
+			c, w := g.Clamp()
+			if c.MaxOpen != tc.wOpen || c.MaxActive != tc.wActive || strings.Join(w, "\n") != strings.Join(tc.warnings, "\n") {
+				t.Fatalf("Clamp() = open %d active %d warnings %q, want %d %d %q", c.MaxOpen, c.MaxActive, w, tc.wOpen, tc.wActive, tc.warnings)
+			}
+			if err := c.Validate(); err != nil {
+				t.Fatalf("clamped geometry invalid: %v", err)
+			}
+		})
 	}
 }

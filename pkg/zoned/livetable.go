@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 	"unsafe"
 
@@ -36,14 +37,15 @@ type liveTable struct {
 }
 
 // bootID identifies this boot of the kernel; "" if unknown (then live
-// tables are never trusted).
-var bootID = func() string {
+// tables are never trusted). It is read once per process. Tests replace it
+// to simulate a reboot.
+var bootID = sync.OnceValue(func() string {
 	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
 	if err != nil {
 		return ""
 	}
 	return string(bytes.TrimSpace(b))
-}
+})
 
 // openLiveTable reads the sidecar at path and returns the pointers it holds
 // if it was written during this boot for nr zones (else nil), and a table to

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"math/bits"
+	"strconv"
 	"syscall"
 
 	"github.com/zq-csi/zq-csi/pkg/zoned"
@@ -71,20 +73,73 @@ func ioZoneReport(s *ioSession, _ []opt, args []string) error {
 	if uint64(off) >= g.Size {
 		return nil
 	}
-	return WriteZoneReport(s.out, d.Report(g.ZoneIndex(uint64(off)), int(min(nr, int64(g.NrZones)))))
+	// In slices, so a report of 2^20 zones needs neither a 2^20-entry
+	// report nor its whole text in memory at once.
+	first := g.ZoneIndex(uint64(off))
+	left := int(min(nr, int64(g.NrZones)-int64(first)))
+	for left > 0 {
+		n := min(left, reportSlice)
+		if err := WriteZoneReport(s.out, d.Report(first, n)); err != nil {
+			return err
+		}
+		first, left = first+n, left-n
+	}
+	return nil
 }
 
+// reportSlice is the number of zones zrp reports and writes at a time.
+const reportSlice = 8192
+
 // WriteZoneReport writes zones as qemu-io's zone_report prints them, one
-// line per zone, addresses in 512-byte sectors. `zq-csi volume zones`
-// prints a staged volume's report the same way, so one parser reads both.
+// line per zone, addresses in 512-byte sectors:
+//
+//	start: 0x%x, len 0x%x, cap 0x%x, wptr 0x%x, zcond:%u, [type: %u]
+//
+// `zq-csi volume zones` prints a staged volume's report the same way, so
+// one parser reads both. The lines are built with strconv into one buffer
+// and written in writes of about 64 KiB (fmt would cost most of the time
+// of a report of 2^20 zones).
 func WriteZoneReport(w io.Writer, zones []zoned.ZoneReport) error {
-	var sb bytes.Buffer
+	const chunk = 64 << 10
+	b := make([]byte, 0, chunk+128)
 	for _, z := range zones {
-		fmt.Fprintf(&sb, "start: 0x%x, len 0x%x, cap 0x%x, wptr 0x%x, zcond:%d, [type: %d]\n",
-			sectors(z.Start), sectors(z.Len), sectors(z.Cap), sectors(z.WP), z.Cond, z.Type)
+		b = append(b, "start: 0x"...)
+		b = appendHex(b, sectors(z.Start))
+		b = append(b, ", len 0x"...)
+		b = appendHex(b, sectors(z.Len))
+		b = append(b, ", cap 0x"...)
+		b = appendHex(b, sectors(z.Cap))
+		b = append(b, ", wptr 0x"...)
+		b = appendHex(b, sectors(z.WP))
+		b = append(b, ", zcond:"...)
+		b = strconv.AppendUint(b, uint64(z.Cond), 10)
+		b = append(b, ", [type: "...)
+		b = strconv.AppendUint(b, uint64(z.Type), 10)
+		b = append(b, "]\n"...)
+		if len(b) >= chunk {
+			if _, err := w.Write(b); err != nil {
+				return err
+			}
+			b = b[:0]
+		}
 	}
-	_, err := w.Write(sb.Bytes())
+	if len(b) == 0 {
+		return nil
+	}
+	_, err := w.Write(b)
 	return err
+}
+
+// appendHex appends v in lower-case hexadecimal without leading zeros, as
+// %x prints it (strconv's general base conversion divides digit by digit).
+func appendHex(b []byte, v uint64) []byte {
+	n := max(1, (bits.Len64(v)+3)/4)
+	b = append(b, make([]byte, n)...)
+	for i := len(b) - 1; i >= len(b)-n; i-- {
+		b[i] = "0123456789abcdef"[v&15]
+		v >>= 4
+	}
+	return b
 }
 
 // zoneMgmt builds zo, zc, zf and zrs: OFFSET and LEN must cover whole
