@@ -181,6 +181,15 @@ func openIODevice(path, f string, readOnly bool) (dev device, zdev *zoned.Device
 	return dev, nil, err
 }
 
+// warnClamped prints the zone limits the engine clamped when it opened d
+// (docs/zoned-format.md §2: too-large limits are clamped with a warning,
+// the header is left as it is), as create prints its own warnings.
+func warnClamped(w io.Writer, d *zoned.Device) {
+	for _, m := range d.Warnings() {
+		fmt.Fprintf(w, "warning: %s\n", m)
+	}
+}
+
 // zonedDevice is a zoned image as a device: writes must follow the zone
 // rules, reads past a write pointer return zeros, and a discard is a TRIM
 // (whole sequential zones are reset, partial ranges ignored; spec §6).

@@ -148,7 +148,7 @@ func runInfo(e Env, args []string) int {
 		_ = im.Close()
 		fillQcow2Info(&ji, info)
 		if ji.Zoned != nil {
-			if err := fillZones(ji.Zoned, file); err != nil {
+			if err := fillZones(ji.Zoned, file, e.Stderr); err != nil {
 				return fail(e, file, fmt.Errorf("Could not open '%s': %w", file, err))
 			}
 		}
@@ -210,12 +210,13 @@ func fillQcow2Info(ji *jsonInfo, info qcow2.Info) {
 
 // fillZones reports every zone through the zone engine, opened read-only
 // so that info never changes the image.
-func fillZones(z *jsonZoned, file string) error {
+func fillZones(z *jsonZoned, file string, warn io.Writer) error {
 	d, err := zoned.Open(file, zoned.OpenOptions{ReadOnly: true})
 	if err != nil {
 		return err
 	}
 	defer d.Close()
+	warnClamped(warn, d)
 	var c jsonZoneConds
 	reps := d.Report(0, int(d.Geometry().NrZones))
 	z.Zones = make([]jsonZone, 0, len(reps))

@@ -123,6 +123,9 @@ func runIO(e Env, args []string) int {
 		fmt.Fprintf(e.Stderr, "%s io: can't open device %s: %v\n", prog, file, err)
 		return 1
 	}
+	if zdev != nil {
+		warnClamped(e.Stderr, zdev)
+	}
 	s := &ioSession{dev: dev, zdev: zdev, file: file, readOnly: readOnly, out: e.Stdout, errOut: e.Stderr}
 	failed := false
 	if cmds != nil {

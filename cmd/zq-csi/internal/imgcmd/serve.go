@@ -111,7 +111,7 @@ func runServe(e Env, args []string) int {
 		return usageFail(e, "serve", "--socket, --port and --bind cannot be used with socket activation")
 	}
 
-	backend, closeImage, err := openServeBackend(file, want, cfg.readOnly)
+	backend, closeImage, err := openServeBackend(file, want, cfg.readOnly, e.Stderr)
 	if err != nil {
 		if activated != nil {
 			activated.Close()
@@ -167,7 +167,7 @@ func runServe(e Env, args []string) int {
 
 // openServeBackend opens a qcow2 image as an NBD backend: a zoned one
 // through the zone engine, any other as a plain image.
-func openServeBackend(file, want string, readOnly bool) (nbdattach.Backend, func() error, error) {
+func openServeBackend(file, want string, readOnly bool, warn io.Writer) (nbdattach.Backend, func() error, error) {
 	f, err := resolveFormat(file, want)
 	if err != nil {
 		return nil, nil, err
@@ -184,6 +184,7 @@ func openServeBackend(file, want string, readOnly bool) (nbdattach.Backend, func
 		if err != nil {
 			return nil, nil, err
 		}
+		warnClamped(warn, d)
 		return nbdattach.ZonedBackend{D: d}, d.Close, nil
 	}
 	im, err := qcow2.Open(file, qcow2.OpenOptions{ReadOnly: readOnly})

@@ -1,8 +1,11 @@
 package imgcmd
 
 import (
+	"bytes"
+	"encoding/binary"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -127,4 +130,41 @@ func TestServeListenerShared(t *testing.T) {
 	c2.Close()
 	<-idle
 	sl.wait()
+}
+
+// An image whose zone limits are larger than its zones allow (written by
+// another tool) opens with the limits clamped, and every command that opens
+// it through the zone engine says so on stderr (spec note §2), while the
+// header keeps the values it had.
+func TestClampedLimitsWarn(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "z.qcow2")
+	if _, errOut, code := runImg(t, "create", "-f", "qcow2", "-o", "size=512K,zone.mode=host-managed,zone.size=64K,zone.max_append_bytes=4K,zone.max_active_zones=4", img); code != 0 {
+		t.Fatalf("create: exit %d: %s", code, errOut)
+	}
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext := bytes.Index(b[:4096], []byte{0x00, 0x7a, 0x62, 0x64}) + 8 // the zoned extension's magic, then type and length
+	if ext < 8 {
+		t.Fatal("no zoned extension in the first cluster")
+	}
+	binary.BigEndian.PutUint32(b[ext+28:], 100) // max_active_zones
+	if err := os.WriteFile(img, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const want = "warning: zone.max_active_zones=100 exceeds the number of zones 8; using 8\n"
+	for _, args := range [][]string{
+		{"io", "-c", "zrp 0 1", img},
+		{"info", "--output=json", img},
+	} {
+		_, errOut, code := runImg(t, args...)
+		if code != 0 || !strings.Contains(errOut, want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit 0 and %q", args[0], code, errOut, want)
+		}
+	}
+	out, _, _ := runImg(t, "info", "--output=json", img)
+	if !strings.Contains(out, `"max-active-zones": 100`) {
+		t.Errorf("info shows the header as it is; got %s", out)
+	}
 }
