@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -35,6 +36,19 @@ type fakeNBD struct {
 	devs    map[int]*fakeDev
 	next    int
 	connect []ConnectConfig // what each CONNECT carried (fds as received)
+	cmds    map[int][]uint8 // the commands naming each device index, in order
+
+	// sizeLate, when set, is how long after answering CONNECT the device's
+	// sysfs size goes from 0 to its size (negative: never), as when the
+	// kernel's udev events and size update lag behind the reply.
+	sizeLate time.Duration
+}
+
+// commands returns the commands sent for device idx so far.
+func (f *fakeNBD) commands(idx int) []uint8 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]uint8(nil), f.cmds[idx]...)
 }
 
 type fakeDev struct {
@@ -46,7 +60,7 @@ type fakeDev struct {
 
 func newFakeNBD(t *testing.T) *fakeNBD {
 	d := t.TempDir()
-	f := &fakeNBD{t: t, sysRoot: filepath.Join(d, "sys"), devRoot: filepath.Join(d, "dev"), devs: map[int]*fakeDev{}}
+	f := &fakeNBD{t: t, sysRoot: filepath.Join(d, "sys"), devRoot: filepath.Join(d, "dev"), devs: map[int]*fakeDev{}, cmds: map[int][]uint8{}}
 	os.MkdirAll(f.devRoot, 0o755)
 	return f
 }
@@ -87,6 +101,10 @@ func (f *fakeNBD) handle(cmd uint8, attrs []attr) ([]genetlink.Message, error) {
 		}
 		return nil
 	}
+	if idx := get(nlAttrIndex); idx != nil {
+		i := int(binaryU32(idx))
+		f.cmds[i] = append(f.cmds[i], cmd)
+	}
 	switch cmd {
 	case nlCmdConnect:
 		conn, err := f.takeSocket(attrs)
@@ -95,6 +113,7 @@ func (f *fakeNBD) handle(cmd uint8, attrs []attr) ([]genetlink.Message, error) {
 		}
 		idx := f.next
 		f.next++
+		f.cmds[idx] = append(f.cmds[idx], cmd)
 		size := binaryU64(get(nlAttrSizeBytes))
 		bs := binaryU64(get(nlAttrBlockSizeBytes))
 		id := string(bytes.TrimRight(get(nlAttrBackendID), "\x00"))
@@ -107,7 +126,16 @@ func (f *fakeNBD) handle(cmd uint8, attrs []attr) ([]genetlink.Message, error) {
 		})
 		dir := filepath.Join(f.sysRoot, "block", "nbd"+strconv.Itoa(idx))
 		os.MkdirAll(filepath.Join(dir, "queue"), 0o755)
-		os.WriteFile(filepath.Join(dir, "size"), []byte(strconv.FormatUint(size/512, 10)+"\n"), 0o644)
+		sectors := []byte(strconv.FormatUint(size/512, 10) + "\n")
+		switch {
+		case f.sizeLate == 0:
+			os.WriteFile(filepath.Join(dir, "size"), sectors, 0o644)
+		case f.sizeLate > 0:
+			os.WriteFile(filepath.Join(dir, "size"), []byte("0\n"), 0o644)
+			time.AfterFunc(f.sizeLate, func() { os.WriteFile(filepath.Join(dir, "size"), sectors, 0o644) })
+		default:
+			os.WriteFile(filepath.Join(dir, "size"), []byte("0\n"), 0o644)
+		}
 		os.WriteFile(filepath.Join(dir, "backend"), []byte(id+"\n"), 0o644)
 		os.WriteFile(filepath.Join(dir, "queue", "logical_block_size"), []byte(strconv.FormatUint(bs, 10)+"\n"), 0o644)
 		os.WriteFile(filepath.Join(dir, "queue", "io_timeout"), []byte("30000\n"), 0o644)
@@ -360,10 +388,25 @@ func TestNetlinkAttacherRecoverRefuses(t *testing.T) {
 	k.mu.Unlock()
 	os.RemoveAll(filepath.Join(k.sysRoot, "block/nbd1"))
 
+	before0, before1, before2 := k.commands(0), k.commands(1), k.commands(2)
+	if len(before0) != 1 || before0[0] != nlCmdConnect {
+		t.Fatalf("commands for nbd0 before recovery: %v, want [CONNECT]", before0)
+	}
 	a2 := k.attacher(t, state)
 	got, err := a2.Recover(ctx, func(Attachment) (Backend, error) { return b, nil })
 	if len(got) != 0 {
 		t.Fatalf("recovered %+v", got)
+	}
+	// Nothing at all was sent for the foreign device nor the vanished one;
+	// the live one got RECONFIGURE attempts (refused: ErrDeviceBusy).
+	if after := k.commands(0); len(after) != len(before0) {
+		t.Errorf("commands sent for the foreign nbd0 during recovery: %v (before: %v); want none", after[len(before0):], before0)
+	}
+	if after := k.commands(1); len(after) != len(before1) {
+		t.Errorf("commands sent for the vanished nbd1 during recovery: %v; want none", after[len(before1):])
+	}
+	if after := k.commands(2); len(after) <= len(before2) || after[len(before2)] != nlCmdReconfigure {
+		t.Errorf("commands for the live nbd2 during recovery: %v; want RECONFIGURE attempts", after[len(before2):])
 	}
 	if !errors.Is(err, ErrBackendMismatch) || !errors.Is(err, ErrDeviceBusy) {
 		t.Fatalf("err = %v, want backend mismatch and device busy", err)
@@ -456,6 +499,64 @@ func TestNetlinkAttacherReconnect(t *testing.T) {
 	}
 	mu.Unlock()
 	a.Detach(ctx, "v")
+}
+
+// TestNetlinkAttacherWaitsForSize: the device's sysfs size appears only
+// after the CONNECT reply; Attach returns once it is right, not before.
+func TestNetlinkAttacherWaitsForSize(t *testing.T) {
+	ctx := context.Background()
+	k := newFakeNBD(t)
+	k.sizeLate = 200 * time.Millisecond
+	a := k.attacher(t, t.TempDir())
+	if _, err := a.Attach(ctx, AttachRequest{VolumeID: "late", ImagePath: "/img/late", Backend: newMemBackend(1 << 20)}); err != nil {
+		t.Fatal(err)
+	}
+	// Read right after Attach returned: had it not waited, this is "0".
+	if got, _ := os.ReadFile(filepath.Join(k.sysRoot, "block/nbd0/size")); string(got) != "2048\n" {
+		t.Fatalf("Attach returned while the device's size was %q sectors, want 2048", got)
+	}
+	if got, _ := os.ReadFile(filepath.Join(k.sysRoot, "block/nbd0/queue/io_timeout")); string(got) != "2000" {
+		t.Fatalf("io_timeout %q after the wait, want 2000", got)
+	}
+	if err := a.Detach(ctx, "late"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestNetlinkAttacherSizeTimeout: a device whose size never shows fails
+// Attach after DeviceTimeout with an error naming the device, the size
+// waited for and what was seen; the device is disconnected again and no
+// record is left.
+func TestNetlinkAttacherSizeTimeout(t *testing.T) {
+	ctx := context.Background()
+	k := newFakeNBD(t)
+	k.sizeLate = -1
+	state := t.TempDir()
+	a, err := NewNetlinkAttacher(k.client(t), NetlinkOptions{
+		StateDir: state, DeviceTimeout: 300 * time.Millisecond, sysRoot: k.sysRoot, devRoot: k.devRoot,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = a.Attach(ctx, AttachRequest{VolumeID: "never", ImagePath: "/img/never", Backend: newMemBackend(1 << 20)})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("attach of a device that never shows its size: %v, want a deadline error", err)
+	}
+	for _, want := range []string{"nbd0", "2048 sectors", "300ms", "last seen 0 sectors"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+	t.Logf("error: %v", err)
+	if cmds := k.commands(0); len(cmds) != 2 || cmds[0] != nlCmdConnect || cmds[1] != nlCmdDisconnect {
+		t.Errorf("commands for nbd0: %v, want [CONNECT DISCONNECT]", cmds)
+	}
+	if recs, _ := a.List(ctx); len(recs) != 0 {
+		t.Errorf("records after a failed attach: %+v", recs)
+	}
+	if _, ok := a.Served("never"); ok {
+		t.Error("still served after a failed attach")
+	}
 }
 
 // errEOF is genltest's "no messages, no error": an ACK.

@@ -85,7 +85,11 @@ func (s sysfs) waitDevice(ctx context.Context, index int, size uint64, limit tim
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("nbd: /dev/nbd%d did not appear with %d sectors (last seen %d sectors, %v): %w", index, want, got, err, ctx.Err())
+			seen := fmt.Sprintf("last seen %d sectors", got)
+			if err != nil {
+				seen = fmt.Sprintf("last seen: %v", err)
+			}
+			return fmt.Errorf("nbd: nbd%d (%s) did not show %d sectors within %v after CONNECT (%s): %w", index, s.devicePath(index), want, limit, seen, ctx.Err())
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
