@@ -13,7 +13,9 @@ build: ## build bin/zq-csi
 	$(GO) build -o $(BIN) ./cmd/zq-csi
 
 test: ## unit, fuzz-seed, interop (qemu-img, libnbd, fio) and csi-sanity tests, race detector on
-	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test/sanity)
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v -e /test/sanity -e /test/vm)
+	@# kernel tests: on a host without nbd/ublk they skip; -v so the reason shows (make test-vm runs them)
+	set -o pipefail; $(GO) test -race -count=1 -v ./test/vm/ 2>&1 | grep -E '^(ok|FAIL|--- FAIL|\*{8} test/vm)'
 	@# csi-sanity (local backend, then the cluster backend against a real kube-apiserver), verbose so the spec counts show
 	set -o pipefail; $(GO) test -race -count=1 -v ./test/sanity/ 2>&1 | grep -E '^(\[cluster-sanity\] )?zq-csi sanity|^(ok|FAIL|--- FAIL|--- SKIP)|SKIP'
 
