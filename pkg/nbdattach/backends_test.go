@@ -25,6 +25,12 @@ type memBackend struct {
 	// a non-nil error is returned instead of doing the operation.
 	hook    func(op string, off int64) error
 	flushes atomic.Int64
+
+	// durable, when not nil (newDurableMemBackend), models stable storage:
+	// Flush copies data into it, and so does a WriteAt with fua for its
+	// range. A test reads it to see what would survive a power loss.
+	durable   []byte
+	fuaWrites atomic.Int64
 }
 
 const (
@@ -35,6 +41,20 @@ const (
 
 func newMemBackend(size int64) *memBackend {
 	return &memBackend{data: make([]byte, size), alloc: make([]bool, (size+memBlock-1)/memBlock)}
+}
+
+// newDurableMemBackend is a memBackend that tracks what is durable.
+func newDurableMemBackend(size int64) *memBackend {
+	m := newMemBackend(size)
+	m.durable = make([]byte, size)
+	return m
+}
+
+// durableBytes returns a copy of what is on stable storage.
+func (m *memBackend) durableBytes() []byte {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return slices.Clone(m.durable)
 }
 
 func (m *memBackend) run(op string, off int64) error {
@@ -75,6 +95,12 @@ func (m *memBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
 	defer m.mu.Unlock()
 	n := copy(m.data[off:], p)
 	m.mark(off, int64(n), true)
+	if fua {
+		m.fuaWrites.Add(1)
+		if m.durable != nil {
+			copy(m.durable[off:], p)
+		}
+	}
 	return n, nil
 }
 
@@ -89,7 +115,15 @@ func (m *memBackend) mark(off, length int64, allocated bool) {
 
 func (m *memBackend) Flush() error {
 	m.flushes.Add(1)
-	return m.run("flush", 0)
+	if err := m.run("flush", 0); err != nil {
+		return err
+	}
+	if m.durable != nil {
+		m.mu.Lock()
+		copy(m.durable, m.data)
+		m.mu.Unlock()
+	}
+	return nil
 }
 
 func (m *memBackend) Trim(off, length int64) error {

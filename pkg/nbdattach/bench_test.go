@@ -4,48 +4,9 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
-	"os/signal"
 	"path/filepath"
-	"syscall"
 	"testing"
 )
-
-// TestMain doubles as the server for bench/nbd.sh: with
-// ZQ_NBDATTACH_SERVE_SOCKET and ZQ_NBDATTACH_SERVE_FILE set, the test binary
-// serves that raw file on that unix socket until SIGINT/SIGTERM, instead of
-// running tests (the helper-process pattern of os/exec's own tests). This
-// keeps the benchmark server's file backend the tested one.
-func TestMain(m *testing.M) {
-	if sock := os.Getenv("ZQ_NBDATTACH_SERVE_SOCKET"); sock != "" {
-		os.Exit(serveFile(sock, os.Getenv("ZQ_NBDATTACH_SERVE_FILE")))
-	}
-	os.Exit(m.Run())
-}
-
-func serveFile(sock, path string) int {
-	fb, err := openFileBackend(path)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer fb.Close()
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	// fdatasync on the one shared file covers every connection, so
-	// multi-conn may be advertised (qemu-nbd does the same for raw files).
-	srv := NewServer(ExportList{{Backend: fb, MultiConn: true}})
-	if err := srv.Serve(ctx, l); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return 0
-}
 
 // BenchmarkNBDRead and BenchmarkNBDWrite measure the server through a unix
 // socket with a memory backend and 16 requests in flight, so the figures are

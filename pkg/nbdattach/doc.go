@@ -35,7 +35,13 @@
 // export (EPERM), NBD_CMD_FLAG_FAST_ZERO on a backend that cannot promise a
 // fast zero (ENOTSUP) — get an error reply and the connection carries on.
 // Only a broken stream (bad request magic, short read, failed reply write)
-// closes the connection.
+// closes the connection. ZonedBackend answers every zone-rule violation,
+// the open/active-limit errors included, with EIO (docs/zoned-format.md §6);
+// the Linux errno stays wrapped in the error for other mappers.
+//
+// A reply goes out with one writev when the connection is a *net.UnixConn
+// or *net.TCPConn; a wrapper around one should implement BuffersWriter, or
+// each reply costs one write per buffer (small ones are copied into one).
 //
 // # Metadata contexts
 //

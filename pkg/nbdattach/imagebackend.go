@@ -27,6 +27,10 @@ const maxStatusSpan = 1 << 30
 
 func (b ImageBackend) ReadAt(p []byte, off int64) (int, error) { return b.Img.ReadAt(p, off) }
 
+// flushImage is (*qcow2.Image).Flush; a test wraps it to count the fsyncs
+// that FUA and FLUSH cause.
+var flushImage = (*qcow2.Image).Flush
+
 // WriteAt writes p; with fua the image is flushed before the reply, which
 // is what NBD_CMD_FLAG_FUA asks for.
 func (b ImageBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
@@ -34,13 +38,13 @@ func (b ImageBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
 	if err != nil || !fua {
 		return n, err
 	}
-	return n, b.Img.Flush()
+	return n, flushImage(b.Img)
 }
 
 // Close closes the image (the attacher closes a backend it is done with).
 func (b ImageBackend) Close() error { return b.Img.Close() }
 
-func (b ImageBackend) Flush() error                 { return b.Img.Flush() }
+func (b ImageBackend) Flush() error                 { return flushImage(b.Img) }
 func (b ImageBackend) Trim(off, length int64) error { return b.Img.Discard(off, length) }
 func (b ImageBackend) Size() int64                  { return int64(b.Img.Size()) }
 func (b ImageBackend) ReadOnly() bool               { return b.RO }

@@ -460,6 +460,75 @@ func TestPeerNbdsh(t *testing.T) {
 	}
 }
 
+// nbdshZonedScript drives a zoned export (newZonedDevice: 8 zones of 1 MiB,
+// zones 0-1 conventional, max_active_zones 4) through libnbd: zero-length
+// requests of every kind succeed and change nothing (proto.md lets a server
+// treat them as no-ops), zone violations are EIO (spec §6), also running
+// out of active zones, and zq:zones shows the result.
+const nbdshZonedScript = `
+import errno, sys, nbd
+
+MiB = 1 << 20
+h = nbd.NBD()
+h.add_meta_context("zq:zones")
+h.connect_uri(sys.argv[1])
+h.set_strict_mode(0)
+
+def expect_eio(name, f, *args):
+    try:
+        f(*args)
+    except nbd.Error as e:
+        if e.errnum != errno.EIO or "command failed" not in e.string:
+            sys.exit("%s: errno %s (%s), want EIO from the server" % (name, e.errno, e.string))
+        print("ok", name, "--", e.string)
+        return
+    sys.exit("%s: no error, want EIO" % name)
+
+h.pwrite(b"", 2 * MiB)                       # at the WP of an empty zone
+h.pwrite(b"", 2 * MiB + 65536)               # off the WP
+h.pwrite(b"", 3 * MiB, nbd.CMD_FLAG_FUA)
+h.pwrite(b"", 0)                             # conventional zone
+assert h.pread(0, 2 * MiB) == b""
+h.trim(0, 2 * MiB)
+h.zero(0, 2 * MiB)
+h.cache(0, 2 * MiB)
+print("ok zero-length requests on a zoned export")
+
+def zones():
+    seen = []
+    def cb(ctx, off, entries, err):
+        seen.extend(entries[1::2])
+        return 0
+    h.block_status(8 * MiB, 0, cb)
+    return seen
+# Flags: condition in bits 0-3, EMPTY is 1; sequential zones 2..7 are
+# still empty, each one extent.
+conds = [f & 0xf for f in zones()]
+assert conds == [0, 0, 1, 1, 1, 1, 1, 1], conds
+
+h.pwrite(b"\x11" * 4096, 2 * MiB)
+expect_eio("write behind the write pointer", h.pwrite, b"\x22" * 4096, 2 * MiB)
+expect_eio("write past the write pointer", h.pwrite, b"\x22" * 4096, 2 * MiB + 65536)
+for z in (3, 4, 5):
+    h.pwrite(b"\x33" * 4096, z * MiB)
+expect_eio("write that needs a fifth active zone", h.pwrite, b"\x44" * 4096, 6 * MiB)
+assert h.pread(8192, 2 * MiB) == b"\x11" * 4096 + bytes(4096)
+assert h.pread(4096, 6 * MiB) == bytes(4096)
+h.shutdown()
+`
+
+// TestPeerNbdshZoned runs nbdshZonedScript against a zoned export.
+func TestPeerNbdshZoned(t *testing.T) {
+	py := requirePython(t)
+	d := newZonedDevice(t)
+	ps := startPeerServer(t, ExportList{{Backend: ZonedBackend{D: d}}})
+	out := runPeer(t, py, "-c", nbdshZonedScript, ps.uri(""))
+	t.Logf("nbdsh:\n%s", out)
+	if n := strings.Count(out, "ok "); n != 4 {
+		t.Errorf("%d checks passed, want 4", n)
+	}
+}
+
 // TestPeerFio: fio's nbd engine writes 16 MiB at random with 16 requests in
 // flight, then reads everything back verifying checksums.
 func TestPeerFio(t *testing.T) {

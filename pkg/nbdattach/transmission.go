@@ -25,7 +25,10 @@ type transmitter struct {
 	sess    *session
 	cfg     *exportConfig
 	backend Backend
-	size    uint64
+	// size caches backend.Size(). Requests are checked on the reader
+	// goroutine (WRITE) and on workers (the rest), and any of them may
+	// refresh it after a resize, so it is only accessed atomically.
+	size atomic.Uint64
 
 	sem chan struct{} // one token per request in flight
 
@@ -48,10 +51,10 @@ func (s *Server) newTransmitter(c net.Conn, br *bufio.Reader, sess *session) *tr
 		sess:    sess,
 		cfg:     sess.cfg,
 		backend: sess.cfg.backend,
-		size:    uint64(sess.cfg.backend.Size()),
 		sem:     make(chan struct{}, s.workers),
 		order:   map[int64]chan struct{}{},
 	}
+	t.size.Store(uint64(t.backend.Size()))
 	t.orderer, _ = t.backend.(Orderer)
 	return t
 }
@@ -196,7 +199,13 @@ func (t *transmitter) work(req request, payload *buffer) {
 	case cmdRead:
 		t.read(req)
 	case cmdWrite:
-		_, err := t.backend.WriteAt(payload.b, int64(req.offset), req.flags&cmdFlagFUA != 0)
+		// proto.md: a client SHOULD NOT send a zero-length request, and a
+		// server SHOULD treat one as a no-op; a backend need not accept
+		// one (the zone engine refuses a write of no blocks).
+		var err error
+		if req.length > 0 {
+			_, err = t.backend.WriteAt(payload.b, int64(req.offset), req.flags&cmdFlagFUA != 0)
+		}
 		t.finishWrite(req, err)
 	case cmdFlush:
 		if rerr := t.checkFlags(req, cmdFlagFUA); rerr != nil {
@@ -210,7 +219,10 @@ func (t *transmitter) work(req request, payload *buffer) {
 			t.replyError(req, rerr)
 			return
 		}
-		err := t.backend.Trim(int64(req.offset), int64(req.length))
+		var err error
+		if req.length > 0 {
+			err = t.backend.Trim(int64(req.offset), int64(req.length))
+		}
 		if err == nil && req.flags&cmdFlagFUA != 0 {
 			err = t.backend.Flush()
 		}
@@ -256,14 +268,17 @@ func (t *transmitter) check(req request, allowed uint16, writes bool, oob Errno,
 		return errorf(EPERM, "export is read-only")
 	}
 	end := req.offset + uint64(req.length)
-	if end > t.size && end >= req.offset {
+	size := t.size.Load()
+	if end > size && end >= req.offset {
 		// The backend may have grown since the session began: a kernel
 		// device resized with RECONFIGURE (NetlinkAttacher.Resize) asks
-		// for the new blocks on the same connection.
-		t.size = uint64(t.backend.Size())
+		// for the new blocks on the same connection. Concurrent refreshes
+		// may store out of order; a stale value only costs another Size.
+		size = uint64(t.backend.Size())
+		t.size.Store(size)
 	}
-	if end < req.offset || end > t.size {
-		return errorf(oob, "%v of %d bytes at offset %d is beyond the export size %d", req.typ, req.length, req.offset, t.size)
+	if end < req.offset || end > size {
+		return errorf(oob, "%v of %d bytes at offset %d is beyond the export size %d", req.typ, req.length, req.offset, size)
 	}
 	if capped && req.length > t.cfg.maxBlock {
 		return errorf(EINVAL, "%v of %d bytes exceeds the maximum block size %d", req.typ, req.length, t.cfg.maxBlock)
@@ -272,7 +287,7 @@ func (t *transmitter) check(req request, allowed uint16, writes bool, oob Errno,
 	// unaligned exactly at the end of an export whose size is unaligned,
 	// otherwise that tail could never be reached.
 	mb := uint64(t.cfg.minBlock)
-	if req.offset%mb != 0 || (uint64(req.length)%mb != 0 && end != t.size) {
+	if req.offset%mb != 0 || (uint64(req.length)%mb != 0 && end != size) {
 		return errorf(EINVAL, "%v at %d+%d is not aligned to %d bytes", req.typ, req.offset, req.length, mb)
 	}
 	return nil
@@ -506,6 +521,20 @@ func (t *transmitter) sendNone(req request) {
 	t.send(h[:])
 }
 
+// BuffersWriter is implemented by a connection that writes several buffers
+// with one system call. *net.UnixConn and *net.TCPConn do so through
+// net.Buffers (writev), but a wrapper that embeds net.Conn hides that, and
+// each reply would then cost one write per buffer: a wrapper passed to
+// Serve or ServeConn should implement BuffersWriter as b.WriteTo(inner).
+type BuffersWriter interface {
+	WriteBuffers(b *net.Buffers) (int64, error)
+}
+
+// coalesceMax bounds the replies that are copied into one buffer when the
+// connection cannot writev: below it a copy is cheaper than a second system
+// call (and the client gets the reply in one piece).
+const coalesceMax = 64 << 10
+
 // send writes one complete reply (header and payload with a single writev)
 // under the write lock. After a write error the connection is closed, which
 // also stops the reader; later replies are dropped.
@@ -518,9 +547,41 @@ func (t *transmitter) send(bufs ...[]byte) {
 	if d := t.srv.writeTimeout; d > 0 && !t.closing.Load() {
 		t.nc.SetWriteDeadline(time.Now().Add(d))
 	}
-	nb := net.Buffers(bufs)
-	if _, err := nb.WriteTo(t.nc); err != nil {
+	var err error
+	switch c := t.nc.(type) {
+	case BuffersWriter:
+		nb := net.Buffers(bufs)
+		_, err = c.WriteBuffers(&nb)
+	case *net.UnixConn, *net.TCPConn:
+		nb := net.Buffers(bufs)
+		_, err = nb.WriteTo(c)
+	default:
+		err = t.writeCoalesced(bufs)
+	}
+	if err != nil {
 		t.werr = fmt.Errorf("nbd: writing reply: %w", err)
 		t.nc.Close()
 	}
+}
+
+// writeCoalesced writes bufs to a connection of unknown kind: a short reply
+// in one write, a long one with one write per buffer.
+func (t *transmitter) writeCoalesced(bufs [][]byte) error {
+	n := 0
+	for _, b := range bufs {
+		n += len(b)
+	}
+	if len(bufs) > 1 && n <= coalesceMax {
+		buf := getBuffer(n)
+		defer buf.release()
+		p := buf.b[:0]
+		for _, b := range bufs {
+			p = append(p, b...)
+		}
+		_, err := t.nc.Write(p)
+		return err
+	}
+	nb := net.Buffers(bufs)
+	_, err := nb.WriteTo(t.nc)
+	return err
 }

@@ -8,8 +8,10 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -546,5 +548,222 @@ func TestBufferPool(t *testing.T) {
 			t.Errorf("getBuffer(%d) has length %d", n, len(b.b))
 		}
 		b.release()
+	}
+}
+
+// growingBackend is a memBackend whose size can grow while it is served,
+// as a volume resized under a kernel device (NetlinkAttacher.Resize).
+type growingBackend struct {
+	*memBackend
+	size atomic.Int64
+}
+
+func (g *growingBackend) Size() int64 { return g.size.Load() }
+
+// TestPipelinedOutOfRangeRefreshesSize pipelines READs, TRIMs and WRITEs
+// past the end of the export: each makes the server ask the backend for its
+// size again (it may have grown), from the reader goroutine (WRITE) and
+// from several workers at once (READ, TRIM). Under -race this proves the
+// refresh is synchronised; without -race it still checks the answers. Once
+// the backend has grown, the same requests reach the new blocks.
+func TestPipelinedOutOfRangeRefreshesSize(t *testing.T) {
+	const old, grown = 1 << 20, 2 << 20
+	g := &growingBackend{memBackend: newMemBackend(grown)}
+	g.size.Store(old)
+	tc, wait := connect(t, &Export{Backend: g}, clientOpts{structured: true})
+	if tc.size != old {
+		t.Fatalf("export size %d, want %d", tc.size, old)
+	}
+	const n = 96
+	pipeline := func(base uint64) map[uint64]reply {
+		t.Helper()
+		sendErr := make(chan error, 1)
+		go func() {
+			for i := range uint64(n) {
+				req := request{handle: base + i, offset: old + i%8*4096, length: 4096}
+				var payload []byte
+				switch i % 3 {
+				case 0:
+					req.typ = cmdRead
+				case 1:
+					req.typ = cmdTrim
+				case 2:
+					req.typ, payload = cmdWrite, bytes.Repeat([]byte{byte(i)}, 4096)
+				}
+				if err := tc.send(req, payload); err != nil {
+					sendErr <- err
+					return
+				}
+			}
+			sendErr <- nil
+		}()
+		got := map[uint64]reply{}
+		for range n {
+			r, err := tc.readReply(func(uint64) (uint32, bool) { return 0, false })
+			if err != nil {
+				t.Fatal(err)
+			}
+			got[r.handle-base] = r
+		}
+		if err := <-sendErr; err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	for i, r := range pipeline(1000) {
+		want := map[uint64]Errno{0: EINVAL, 1: EINVAL, 2: ENOSPC}[i%3]
+		if r.errno != want {
+			t.Errorf("request %d (%d past the end): errno %v (%s), want %v", i, i%8*4096, r.errno, r.msg, want)
+		}
+	}
+	g.size.Store(grown)
+	for i, r := range pipeline(2000) {
+		if r.errno != 0 {
+			t.Errorf("request %d after the backend grew: errno %v (%s)", i, r.errno, r.msg)
+		}
+		if i%3 == 0 && len(r.data) != 4096 {
+			t.Errorf("read %d returned %d bytes", i, len(r.data))
+		}
+	}
+	tc.send(request{typ: cmdDisc}, nil)
+	if err := wait(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestFUAReachesBackend: WRITE, TRIM and WRITE_ZEROES with NBD_CMD_FLAG_FUA
+// are answered only once their effect is on stable storage (the
+// memBackend's durable copy), whether the backend is told (WriteAt's fua)
+// or the server flushes after it (TRIM, WRITE_ZEROES). Without FUA nothing
+// reaches stable storage before a FLUSH, so the check can fail.
+func TestFUAReachesBackend(t *testing.T) {
+	const size = 1 << 20
+	ones := bytes.Repeat([]byte{1}, 64<<10)
+	steps := []struct {
+		name    string
+		req     request
+		payload []byte
+		durable func(d []byte) bool // what must be durable once answered
+	}{
+		{"write without FUA", request{typ: cmdWrite, offset: 0, length: 64 << 10}, ones,
+			func(d []byte) bool { return bytes.Equal(d[:64<<10], make([]byte, 64<<10)) }},
+		{"write FUA", request{typ: cmdWrite, flags: cmdFlagFUA, offset: 128 << 10, length: 64 << 10}, ones,
+			func(d []byte) bool { return bytes.Equal(d[128<<10:192<<10], ones) }},
+		{"flush", request{typ: cmdFlush}, nil,
+			func(d []byte) bool { return bytes.Equal(d[:64<<10], ones) }},
+		{"trim FUA", request{typ: cmdTrim, flags: cmdFlagFUA, offset: 0, length: 32 << 10}, nil,
+			func(d []byte) bool { return bytes.Equal(d[:32<<10], make([]byte, 32<<10)) }},
+		{"write zeroes FUA", request{typ: cmdWriteZeroes, flags: cmdFlagFUA, offset: 128 << 10, length: 4096}, nil,
+			func(d []byte) bool { return bytes.Equal(d[128<<10:132<<10], make([]byte, 4096)) }},
+		{"write zeroes NO_HOLE FUA", request{typ: cmdWriteZeroes, flags: cmdFlagFUA | cmdFlagNoHole, offset: 136 << 10, length: 4096}, nil,
+			func(d []byte) bool { return bytes.Equal(d[136<<10:140<<10], make([]byte, 4096)) }},
+	}
+	for _, structured := range []bool{false, true} {
+		m := newDurableMemBackend(size)
+		tc, wait := connect(t, &Export{Backend: m}, clientOpts{structured: structured})
+		if tc.flags&FlagSendFUA == 0 {
+			t.Fatalf("FUA not advertised: %v", tc.flags)
+		}
+		for i, s := range steps {
+			s.req.handle = uint64(i + 1)
+			flushes, fuas := m.flushes.Load(), m.fuaWrites.Load()
+			if r, err := tc.do(s.req, s.payload); err != nil || r.errno != 0 {
+				t.Fatalf("%s: %v %v", s.name, err, r.errno)
+			}
+			if !s.durable(m.durableBytes()) {
+				t.Errorf("structured=%v: %s: answered before it was durable (flushes +%d, FUA writes +%d)",
+					structured, s.name, m.flushes.Load()-flushes, m.fuaWrites.Load()-fuas)
+			}
+			if s.req.typ == cmdWrite && (m.fuaWrites.Load()-fuas == 1) != (s.req.flags&cmdFlagFUA != 0) {
+				t.Errorf("%s: the backend saw %d FUA writes", s.name, m.fuaWrites.Load()-fuas)
+			}
+		}
+		tc.send(request{typ: cmdDisc}, nil)
+		if err := wait(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// wrappedConn hides the concrete connection, as a listener that tracks its
+// connections does; with buffers it opts back into writev (BuffersWriter).
+type wrappedConn struct {
+	net.Conn
+	writes, buffers *atomic.Int64
+}
+
+func (c wrappedConn) Write(p []byte) (int, error) { c.writes.Add(1); return c.Conn.Write(p) }
+
+type buffersConn struct{ wrappedConn }
+
+func (c buffersConn) WriteBuffers(b *net.Buffers) (int64, error) {
+	c.buffers.Add(1)
+	return b.WriteTo(c.Conn)
+}
+
+type wrappingListener struct {
+	net.Listener
+	buffers         bool
+	writes, written atomic.Int64
+}
+
+func (l *wrappingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	w := wrappedConn{Conn: c, writes: &l.writes, buffers: &l.written}
+	if l.buffers {
+		return buffersConn{w}, nil
+	}
+	return w, nil
+}
+
+// TestReplyWrites: a READ reply leaves in one system call where it can, so
+// the client gets it in one piece: a writev of header and data on the
+// connection or on a wrapper that implements BuffersWriter; on a wrapper
+// that does not, a short reply is coalesced into one write, and a long one
+// is not copied (one write per buffer).
+func TestReplyWrites(t *testing.T) {
+	for _, buffers := range []bool{false, true} {
+		sock := filepath.Join(t.TempDir(), "s")
+		ul, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := &wrappingListener{Listener: ul, buffers: buffers}
+		ctx, cancel := context.WithCancel(context.Background())
+		served := make(chan error, 1)
+		go func() { served <- NewServer(ExportList{{Backend: newMemBackend(4 << 20)}}).Serve(ctx, l) }()
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		tc := newRawClient(c)
+		if err := tc.handshake(clientOpts{structured: true}); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range []uint32{4096, coalesceMax - 512, 1 << 20} {
+			w0, b0 := l.writes.Load(), l.written.Load()
+			if r, err := tc.do(request{typ: cmdRead, handle: 1, length: n}, nil); err != nil || r.errno != 0 || len(r.data) != int(n) {
+				t.Fatalf("read %d: %v %v", n, err, r.errno)
+			}
+			writes, written := l.writes.Load()-w0, l.written.Load()-b0
+			switch {
+			case buffers && (writes != 0 || written != 1):
+				t.Errorf("BuffersWriter, %d-byte read: %d writes, %d WriteBuffers; want one WriteBuffers", n, writes, written)
+			case !buffers && n < coalesceMax && writes != 1:
+				t.Errorf("plain wrapper, %d-byte read: %d writes, want 1", n, writes)
+			case !buffers && n >= coalesceMax && writes != 2:
+				t.Errorf("plain wrapper, %d-byte read: %d writes, want 2 (header, data)", n, writes)
+			}
+		}
+		tc.send(request{typ: cmdDisc}, nil)
+		cancel()
+		if err := <-served; err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
 	}
 }

@@ -3,6 +3,7 @@ package nbdattach
 import (
 	"errors"
 	"fmt"
+	"syscall"
 
 	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
@@ -55,14 +56,26 @@ func (b ZonedBackend) OrderKey(off, length int64) (int64, bool) {
 	return int64(i), true
 }
 
-// zoneErr attaches the errno a Linux zoned device would return; NBD has
-// few error codes, so most become NBD_EIO.
+// zoneErr attaches the errors a zone engine error is answered with. Spec §6:
+// the export returns EIO for violations of the zone rules (§4), and that
+// includes the open and active zone limits, which a Linux zoned device
+// reports as ETOOMANYREFS and EOVERFLOW: NBD has no ETOOMANYREFS, and its
+// EOVERFLOW means a read too large to send unfragmented, which a client
+// would take for a length problem. A request the engine finds malformed
+// (EINVAL) keeps EINVAL. The Linux errno stays wrapped too, for exporters
+// that answer like a zoned block device (FUSE, a custom ErrorMapper);
+// DefaultErrorMapper takes the NBD one, which comes first.
 func zoneErr(err error) error {
 	var ze *zoned.ZoneError
-	if errors.As(err, &ze) {
-		return fmt.Errorf("%w (%w)", err, zoned.Errno(err))
+	if !errors.As(err, &ze) {
+		return err
 	}
-	return err
+	linux := zoned.Errno(err)
+	nbd := EIO
+	if linux == syscall.EINVAL {
+		nbd = EINVAL
+	}
+	return fmt.Errorf("%w (%w; %w)", err, nbd, linux)
 }
 
 func (b ZonedBackend) ReadAt(p []byte, off int64) (int, error) {

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -37,7 +38,8 @@ func nbdPeer(t *testing.T, tool string) string {
 // served is a running "zq-csi img serve".
 type served struct {
 	cmd    *exec.Cmd
-	sock   string
+	sock   string // unix socket, or
+	addr   string // TCP host:port
 	stderr bytes.Buffer
 	done   chan struct{}
 	err    error
@@ -45,7 +47,12 @@ type served struct {
 	noisy bool
 }
 
-func (s *served) uri() string { return "nbd+unix:///?socket=" + s.sock }
+func (s *served) uri() string {
+	if s.addr != "" {
+		return "nbd://" + s.addr
+	}
+	return "nbd+unix:///?socket=" + s.sock
+}
 
 // serve starts "zq-csi img serve -k SOCK ARGS..." in dir and returns once
 // the socket is listening. The server is stopped when the test ends.
@@ -57,8 +64,17 @@ func serve(t *testing.T, dir string, args ...string) *served {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(sdir) })
-	s := &served{sock: filepath.Join(sdir, "nbd.sock"), done: make(chan struct{})}
-	s.cmd = exec.Command(zqBin, append([]string{"img", "serve", "-k", s.sock}, args...)...)
+	s := &served{sock: filepath.Join(sdir, "nbd.sock")}
+	startServed(t, s, dir, func() bool { return listening(s.sock) }, append([]string{"-k", s.sock}, args...)...)
+	return s
+}
+
+// startServed starts "zq-csi img serve ARGS..." in dir and returns once
+// ready says it listens. The server is stopped when the test ends.
+func startServed(t *testing.T, s *served, dir string, ready func() bool, args ...string) {
+	t.Helper()
+	s.done = make(chan struct{})
+	s.cmd = exec.Command(zqBin, append([]string{"img", "serve"}, args...)...)
 	s.cmd.Dir = dir
 	s.cmd.Stderr = &s.stderr
 	if err := s.cmd.Start(); err != nil {
@@ -73,18 +89,17 @@ func serve(t *testing.T, dir string, args ...string) *served {
 			<-s.done
 		}
 	})
-	for deadline := time.Now().Add(10 * time.Second); !listening(s.sock); {
+	for deadline := time.Now().Add(10 * time.Second); !ready(); {
 		select {
 		case <-s.done:
 			t.Fatalf("img serve exited early: %v\n%s", s.err, s.stderr.String())
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("img serve did not listen on %s\n%s", s.sock, s.stderr.String())
+			t.Fatalf("img serve %s did not start listening\n%s", strings.Join(args, " "), s.stderr.String())
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	return s
 }
 
 // listening reports whether a unix socket is bound to path and listening
@@ -483,5 +498,86 @@ func TestServePlainQcow2(t *testing.T) {
 	}
 	if r := run(t, dir, "qemu-img", "check", "plain.qcow2"); r.code != 0 {
 		t.Errorf("qemu-img check: %v", r)
+	}
+}
+
+// freePort returns a TCP port that was free on 127.0.0.1 a moment ago.
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+}
+
+// tcpListeners returns the IPv4 addresses ("127.0.0.1", "0.0.0.0") that
+// listen on port, from /proc/net/tcp. Probing with a connection would
+// itself be a client, and end a server that is not --persistent.
+func tcpListeners(t *testing.T, port string) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatalf("cannot tell whether img serve listens: %v", err)
+	}
+	p, _ := strconv.Atoi(port)
+	var out []string
+	for _, l := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(l)
+		if len(f) < 4 || f[3] != "0A" { // TCP_LISTEN
+			continue
+		}
+		host, hexPort, ok := strings.Cut(f[1], ":")
+		lp, _ := strconv.ParseUint(hexPort, 16, 16)
+		ip, _ := strconv.ParseUint(host, 16, 32)
+		if !ok || int(lp) != p {
+			continue
+		}
+		// /proc/net/tcp prints the address as a host-order word.
+		out = append(out, fmt.Sprintf("%d.%d.%d.%d", byte(ip), byte(ip>>8), byte(ip>>16), byte(ip>>24)))
+	}
+	return out
+}
+
+// TestServeTCP: with --port (and --bind) the server listens on TCP, on
+// loopback unless told otherwise, and nbdinfo reaches it through
+// nbd://127.0.0.1:PORT; --socket together with --port or --bind, and a
+// port that is not one, are refused with a message naming the problem.
+func TestServeTCP(t *testing.T) {
+	nbdPeer(t, "nbdinfo")
+	dir := seedImage(t)
+	for _, args := range [][]string{{"-p", "", "-b", "127.0.0.1"}, {"--port", ""}} {
+		port := freePort(t)
+		args[1] = port
+		s := &served{addr: "127.0.0.1:" + port}
+		startServed(t, s, dir, func() bool { return len(tcpListeners(t, port)) > 0 }, append(args, "zbc.qcow2")...)
+		if got := tcpListeners(t, port); !slices.Equal(got, []string{"127.0.0.1"}) {
+			t.Errorf("img serve %s listens on %v, want only 127.0.0.1", strings.Join(args, " "), got)
+		}
+		e := nbdinfoJSON(t, s.uri()).Exports[0]
+		if e.Size != seedImageBytes || strings.Join(e.Contexts, ",") != "base:allocation,zq:zones" {
+			t.Errorf("nbdinfo %s (img serve %s): %+v", s.uri(), strings.Join(args, " "), e)
+		}
+		s.wait(t) // not --persistent: gone with its only client
+	}
+
+	for _, tt := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"-k", "x.sock", "-p", "10809"}, "--socket cannot be used with --port or --bind"},
+		{[]string{"--socket", "x.sock", "--bind", "127.0.0.1"}, "--socket cannot be used with --port or --bind"},
+		{[]string{"-p", "0"}, "Invalid port '0'"},
+		{[]string{"-p", "65536"}, "Invalid port '65536'"},
+		{[]string{"--port", "nbd"}, "Invalid port 'nbd'"},
+	} {
+		r := zq(t, dir, append(append([]string{"serve"}, tt.args...), "zbc.qcow2")...)
+		if r.code != 1 || !strings.Contains(r.stderr, tt.msg) {
+			t.Errorf("img serve %s: exit %d, stderr %q; want exit 1 saying %q", strings.Join(tt.args, " "), r.code, r.stderr, tt.msg)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "x.sock")); err == nil {
+			t.Errorf("img serve %s created its socket before refusing", strings.Join(tt.args, " "))
+		}
 	}
 }

@@ -329,6 +329,10 @@ type serveConn struct {
 	once sync.Once
 }
 
+// WriteBuffers lets the NBD server send a reply's header and data with one
+// writev through the wrapper (nbdattach.BuffersWriter).
+func (c *serveConn) WriteBuffers(b *net.Buffers) (int64, error) { return b.WriteTo(c.Conn) }
+
 func (c *serveConn) Close() error {
 	err := c.Conn.Close()
 	c.once.Do(c.l.release)
