@@ -61,13 +61,22 @@ type Image struct {
 	l2cache    *tableCache
 	rbcache    *tableCache
 	rt         []uint64 // refcount table
-	fileEnd    uint64   // bytes; first byte past the last allocated cluster
+	fileEnd    uint64   // bytes; first byte past the last allocated (or reserved) cluster
 	physEnd    uint64   // bytes the file is known to span (extended ahead of fileEnd)
 	freeHint   uint64   // cluster index below which no cluster is free
 	dirtySet   bool     // we set the dirty bit this session
 	closed     bool
 	snapshots  []snapshot
 	wpTableBuf []byte // zoned: the write-pointer table as on disk (cached)
+
+	metaClusters  map[uint64]metaRef // active L2 tables and refcount blocks by host cluster (overlap.go)
+	snapTableSize uint64             // bytes of the snapshot table
+	pool          allocPool          // clusters reserved for allocation (refcount.go)
+	poolMax       uint64             // clusters reserved at a time; 0: no pool
+	rtTop         struct {           // cache of refBlocksEnd for a refcount table of n entries
+		n   int
+		end uint64
+	}
 
 	backing backingReader
 }
@@ -150,6 +159,7 @@ func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error)
 	if err := im.loadSnapshots(uint64(fileSize)); err != nil {
 		return nil, err
 	}
+	im.indexMeta()
 	if h.zoned != nil {
 		if err := im.loadZoned(uint64(fileSize)); err != nil {
 			return nil, err
@@ -164,6 +174,7 @@ func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error)
 		}
 	}
 	if !o.ReadOnly {
+		im.poolMax = max(1, uint64(poolBytes)>>im.clusterBits)
 		// An image we write must not carry bitmaps we would leave stale:
 		// clearing the autoclear bit tells qemu they are invalid (spec:
 		// "autoclear_features ... must be cleared by writers that do not
@@ -442,6 +453,9 @@ func (im *Image) Close() error {
 	im.closed = true
 	var errs []error
 	if !im.ro {
+		// Reserved clusters nothing uses go back, so the image closes
+		// without leaks (they end the file, which is trimmed below).
+		errs = append(errs, im.releasePool())
 		if im.physEnd > im.fileEnd {
 			// Give back the zeros extended ahead of allocation.
 			if st, err := im.f.Stat(); err == nil && uint64(st.Size()) > im.fileEnd {

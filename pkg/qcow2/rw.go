@@ -216,15 +216,26 @@ func (im *Image) overwrite(l1idx, pos uint64, buf []byte) (bool, error) {
 		im.meta.Unlock()
 		return false, nil
 	}
-	im.meta.Unlock()
-	ents, err := im.entriesFor(l1idx, pos, uint64(len(buf)))
+	toff, t, err := im.l2For(l1idx)
 	if err != nil {
+		im.meta.Unlock()
 		return false, err
 	}
-	for _, e := range ents {
-		if e.kind() != kindNormal || !e.copied() {
-			return false, nil
+	first := (pos >> im.clusterBits) & (1<<im.l2Bits - 1)
+	last := ((pos + uint64(len(buf)) - 1) >> im.clusterBits) & (1<<im.l2Bits - 1)
+	ents, err := im.l2Entries(toff, t, first, last-first+1)
+	if err == nil {
+		for _, e := range ents {
+			if e.kind() != kindNormal || !e.copied() {
+				im.meta.Unlock()
+				return false, nil
+			}
 		}
+		err = im.checkDataWrite(ents)
+	}
+	im.meta.Unlock()
+	if err != nil {
+		return false, err
 	}
 	return true, im.writeInPlace(buf, pos, ents)
 }
@@ -262,6 +273,9 @@ func (im *Image) writeRegion(l1idx, pos uint64, buf []byte) error {
 	}
 	first := (pos >> im.clusterBits) & (1<<im.l2Bits - 1)
 	ents, err := im.l2Entries(toff, t, first, ((pos+uint64(len(buf))-1)>>im.clusterBits)-(pos>>im.clusterBits)+1)
+	if err == nil {
+		err = im.checkDataWrite(ents)
+	}
 	im.meta.Unlock()
 	if err != nil {
 		return err
@@ -302,14 +316,14 @@ func (im *Image) allocWrite(toff uint64, t []byte, l2idx uint64, old []l2Entry, 
 	cs := im.clusterSize
 	n := uint64(len(old))
 	im.meta.Lock()
-	// Clusters at or past the end of everything allocated so far have never
-	// been written: they read as zeros once the file covers them, so their
-	// zero-filled parts need not be written. The file is extended sparsely
-	// ahead of use, 1 MiB at a time, and trimmed back on Close.
-	prevEnd := im.fileEnd
-	c0, err := im.allocClusters(n)
+	// Fresh clusters (past the end of everything allocated so far, or
+	// reserved from there: see allocPool) have never been written: they
+	// read as zeros once the file covers them, so their zero-filled parts
+	// need not be written. The file is extended sparsely ahead of use,
+	// 1 MiB at a time, and trimmed back on Close.
+	c0, fresh, err := im.allocFresh(n)
 	host := c0 << im.clusterBits
-	fresh := err == nil && host >= prevEnd
+	fresh = fresh && err == nil
 	if need := host + n*cs; fresh && need > im.physEnd {
 		var st os.FileInfo
 		if st, err = im.f.Stat(); err == nil {

@@ -93,5 +93,6 @@ func (im *Image) loadSnapshots(fileSize uint64) error {
 		}
 		im.snapshots = append(im.snapshots, s)
 	}
+	im.snapTableSize = off - h.snapshotsOffset
 	return nil
 }

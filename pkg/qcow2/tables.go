@@ -137,6 +137,9 @@ func (im *Image) l2ForWrite(l1idx uint64) (uint64, []byte, error) {
 	e := im.l1[l1idx]
 	off := e & l1OffsetMask
 	if off != 0 && e&oflagCopied != 0 {
+		if err := im.checkOverlap(off, im.clusterSize, writeL2, off); err != nil {
+			return 0, nil, err
+		}
 		t, err := im.loadTable(im.l2cache, off)
 		return off, t, err
 	}
@@ -174,11 +177,31 @@ func (im *Image) l2ForWrite(l1idx uint64) (uint64, []byte, error) {
 
 // setL1 changes one L1 entry and writes it through. Caller holds meta.
 func (im *Image) setL1(idx uint64, v uint64) error {
+	at := im.h.l1Offset + idx*8
+	if err := im.checkOverlap(at, 8, writeL1, 0); err != nil {
+		return err
+	}
+	im.trackMeta(im.l1[idx]&l1OffsetMask, true, -1)
+	im.trackMeta(v&l1OffsetMask, true, 1)
 	im.l1[idx] = v
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], v)
-	_, err := im.f.WriteAt(b[:], int64(im.h.l1Offset+idx*8))
+	_, err := im.f.WriteAt(b[:], int64(at))
 	return err
+}
+
+// checkDataWrite refuses in-place writes into the data clusters of ents
+// (those normal and COPIED, which the caller writes over) that overlap
+// metadata. Caller holds meta.
+func (im *Image) checkDataWrite(ents []l2Entry) error {
+	for _, e := range ents {
+		if e.kind() == kindNormal && e.copied() {
+			if err := im.checkOverlap(e.offset(), im.clusterSize, writeData, 0); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // setL2 writes entries[i:] into table t (at host offset toff) starting at

@@ -375,3 +375,56 @@ func TestSetZoneLimits(t *testing.T) {
 		t.Fatalf("limits not persisted: %+v", z)
 	}
 }
+
+// TestSetZoneLimitsRefusesBelowActiveZones: lowering max_active_zones below
+// the number of partially written zones would leave an image the zone
+// engine refuses to restore; the change is refused with the parameter, the
+// value and the rule, and the header keeps the old limits. Zones that are
+// empty or full do not count.
+func TestSetZoneLimitsRefusesBelowActiveZones(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "z.qcow2")
+	o := seedOptions() // 12 sequential zones of 64 MiB, max_open 6, max_active 8
+	if _, err := Create(path, o); err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	zs := *o.Zoned.ZoneSize
+	for i := uint32(0); i < 4; i++ { // zones 0-3 partially written
+		if err := im.SetWritePointer(i, uint64(i)*zs+4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := im.SetWritePointer(5, 6*zs); err != nil { // zone 5 full
+		t.Fatal(err)
+	}
+	err = im.SetZoneLimits(2, 3)
+	var oe *OptionError
+	if !errors.As(err, &oe) || oe.Name != "zone.max_active_zones" || oe.Value != "3" ||
+		!strings.Contains(oe.Rule, "4 zones are partially written") || !strings.Contains(oe.Rule, "at least 4") {
+		t.Fatalf("max_active 3 with 4 active zones: got %v", err)
+	}
+	if err := im.SetZoneLimits(7, 6); !errors.As(err, &oe) || oe.Name != "zone.max_open_zones" || oe.Value != "7" {
+		t.Fatalf("max_open 7 > max_active 6: got %v", err)
+	}
+	if err := im.SetZoneLimits(4, 4); err != nil {
+		t.Fatalf("max_active 4 with 4 active zones (one full, not counted): %v", err)
+	}
+	if err := im.SetZoneLimits(0, 0); err != nil {
+		t.Fatalf("no limits: %v", err)
+	}
+	if err := im.SetZoneLimits(2, 3); err == nil {
+		t.Fatal("refusal must not depend on the current limit")
+	}
+	im.Close()
+	im, err = Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	if z := im.Info().Zoned; z.MaxOpenZones != 0 || z.MaxActiveZones != 0 {
+		t.Fatalf("refused changes reached the header: %+v", z)
+	}
+}

@@ -308,15 +308,23 @@ func (im *Image) SetWritePointer(i uint32, wp uint64) error {
 	if start, end := z.zoneStart(i), z.WritableEnd(i, im.h.size); wp < start || wp > end || wp%512 != 0 {
 		return fmt.Errorf("%w: write pointer %d outside zone %d [%d, %d] or unaligned", ErrOutOfRange, wp, i, start, end)
 	}
+	at := z.MetaOffset + uint64(i)*8
+	if err := im.checkOverlap(at, 8, writeWP, 0); err != nil {
+		return err
+	}
 	b := im.wpTableBuf[i*8 : i*8+8]
 	z.encodeWP(b, wp, false)
-	_, err := im.f.WriteAt(b, int64(z.MetaOffset)+int64(i)*8)
+	_, err := im.f.WriteAt(b, int64(at))
 	return err
 }
 
 // SetZoneLimits changes max_open_zones and max_active_zones in place (the
-// mutable zone parameters). Values that break spec §2 are refused, not
-// clamped: the caller asked for exactly these.
+// mutable zone parameters; 0 means no limit). Values that break spec §2
+// are refused, not clamped: the caller asked for exactly these. A
+// max_active_zones below the number of zones partially written now (write
+// pointer past the zone start, short of its writable end) is refused too:
+// the zone engine could not restore such an image, as every partially
+// written zone is active.
 func (im *Image) SetZoneLimits(maxOpen, maxActive uint32) error {
 	if im.ro {
 		return ErrReadOnly
@@ -327,11 +335,32 @@ func (im *Image) SetZoneLimits(maxOpen, maxActive uint32) error {
 	if z == nil {
 		return fmt.Errorf("%w: not a zoned image", ErrUnsupported)
 	}
+	bad := func(name string, v uint32, rule string, args ...any) error {
+		return &OptionError{Name: name, Value: fmt.Sprint(v), Rule: fmt.Sprintf(rule, args...)}
+	}
+	seq := z.NrZones - z.ConventionalZones
+	switch {
+	case maxActive > z.NrZones:
+		return bad("zone.max_active_zones", maxActive, "must not exceed the number of zones (%d)", z.NrZones)
+	case maxOpen > seq:
+		return bad("zone.max_open_zones", maxOpen, "must not exceed the number of sequential zones (%d)", seq)
+	case maxActive != 0 && maxOpen > maxActive:
+		return bad("zone.max_open_zones", maxOpen, "must not exceed zone.max_active_zones (%d)", maxActive)
+	}
+	if maxActive != 0 {
+		active := uint32(0)
+		for i := z.ConventionalZones; i < z.NrZones; i++ {
+			wp, _ := z.decodeWP(im.wpTableBuf[i*8:])
+			if wp != z.zoneStart(i) && wp < z.WritableEnd(i, im.h.size) {
+				active++
+			}
+		}
+		if active > maxActive {
+			return bad("zone.max_active_zones", maxActive, "%d zones are partially written (active) now; finish or reset zones first, or choose at least %d", active, active)
+		}
+	}
 	c := *z
 	c.MaxOpenZones, c.MaxActiveZones = maxOpen, maxActive
-	if w := c.clamp(); len(w) > 0 {
-		return &OptionError{Name: "zone.max_open_zones/zone.max_active_zones", Value: fmt.Sprintf("%d/%d", maxOpen, maxActive), Rule: w[0]}
-	}
 	old := *z
 	*z = c
 	if err := im.writeHeader(); err != nil {
