@@ -319,15 +319,16 @@ func (im *Image) allocWrite(toff uint64, t []byte, l2idx uint64, old []l2Entry, 
 	// Fresh clusters (past the end of everything allocated so far, or
 	// reserved from there: see allocPool) have never been written: they
 	// read as zeros once the file covers them, so their zero-filled parts
-	// need not be written. The file is extended sparsely ahead of use,
-	// 1 MiB at a time, and trimmed back on Close.
+	// need not be written. The file is extended sparsely ahead of use (by
+	// an eighth of its size, 1-64 MiB, so a growing image costs a truncate
+	// per many writes, not per write) and trimmed back on Close.
 	c0, fresh, err := im.allocFresh(n)
 	host := c0 << im.clusterBits
 	fresh = fresh && err == nil
 	if need := host + n*cs; fresh && need > im.physEnd {
 		var st os.FileInfo
 		if st, err = im.f.Stat(); err == nil {
-			target := alignUp(need, 1<<20)
+			target := alignUp(need+min(max(need/8, 1<<20), 64<<20), 1<<20)
 			if target > uint64(st.Size()) {
 				err = im.f.Truncate(int64(target))
 			}
