@@ -35,6 +35,7 @@ FUZZFLAGS = -run '^$$' -fuzztime $${FUZZTIME:-60s} -fuzzminimizetime 5s
 
 fuzz: ## run each fuzz target for FUZZTIME (default 60s)
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzOpen$$' ./pkg/qcow2/
+	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzOpenZoned$$' ./pkg/zoned/
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzDecodeRequest$$' ./pkg/nbdattach/
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzHandshake$$' ./pkg/nbdattach/
 
