@@ -190,17 +190,33 @@ type unixServer struct {
 
 func startUnixServer(t *testing.T, exports ExportList) *unixServer {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "nbdattach") // a socket path must be short
+	us := &unixServer{errs: make(chan error, 16)}
+	var l net.Listener
+	us.sock, l = listenUnix(t)
+	serveUntilCleanup(t, NewServer(exports, WithConnErrorHandler(func(_ net.Conn, err error) { us.errs <- err })), l)
+	return us
+}
+
+// listenUnix listens on a unix socket in a fresh directory under the system
+// temporary directory (t.TempDir's paths can be too long for a socket).
+func listenUnix(t *testing.T) (string, net.Listener) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "nbdattach")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	us := &unixServer{sock: filepath.Join(dir, "s"), errs: make(chan error, 16)}
-	l, err := net.Listen("unix", us.sock)
+	sock := filepath.Join(dir, "nbd.sock")
+	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(exports, WithConnErrorHandler(func(_ net.Conn, err error) { us.errs <- err }))
+	return sock, l
+}
+
+// serveUntilCleanup serves l with srv until the test ends, then stops it
+// and fails the test if Serve returned an error.
+func serveUntilCleanup(t *testing.T, srv *Server, l net.Listener) {
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ctx, l) }()
@@ -210,7 +226,6 @@ func startUnixServer(t *testing.T, exports ExportList) *unixServer {
 			t.Errorf("Serve: %v", err)
 		}
 	})
-	return us
 }
 
 func (us *unixServer) dial(t *testing.T, name string) *testClient {

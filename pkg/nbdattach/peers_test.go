@@ -73,16 +73,9 @@ func (ps *peerServer) uri(export string) string {
 // sessions properly.
 func startPeerServer(t *testing.T, exports ExportList, opts ...Option) *peerServer {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "nbdattach")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	ps := &peerServer{sock: filepath.Join(dir, "nbd.sock")}
+	ps := &peerServer{}
 	var l net.Listener
-	if l, err = net.Listen("unix", ps.sock); err != nil {
-		t.Fatal(err)
-	}
+	ps.sock, l = listenUnix(t)
 	if dir := os.Getenv("ZQ_NBDATTACH_RECORD"); dir != "" {
 		l = &recordingListener{Listener: l, dir: dir, name: t.Name()}
 	}
@@ -91,19 +84,12 @@ func startPeerServer(t *testing.T, exports ExportList, opts ...Option) *peerServ
 		ps.errs = append(ps.errs, err)
 		ps.mu.Unlock()
 	}))
-	srv := NewServer(exports, opts...)
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx, l) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-served; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
+	t.Cleanup(func() { // runs after the server has stopped
 		for _, err := range ps.errs {
 			t.Errorf("connection ended with error: %v", err)
 		}
 	})
+	serveUntilCleanup(t, NewServer(exports, opts...), l)
 	return ps
 }
 
