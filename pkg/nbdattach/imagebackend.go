@@ -1,6 +1,8 @@
 package nbdattach
 
 import (
+	"os"
+
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
 )
 
@@ -19,6 +21,7 @@ var (
 	_ Backend       = ImageBackend{}
 	_ BlockStatuser = ImageBackend{}
 	_ ReadOnlyer    = ImageBackend{}
+	_ DirectReader  = ImageBackend{}
 )
 
 // maxStatusSpan bounds one BLOCK_STATUS walk of the L2 tables; the client
@@ -26,6 +29,11 @@ var (
 const maxStatusSpan = 1 << 30
 
 func (b ImageBackend) ReadAt(p []byte, off int64) (int, error) { return b.Img.ReadAt(p, off) }
+
+// ReadDirect lets READ replies go from the image file to the socket.
+func (b ImageBackend) ReadDirect(off, length int64, fn func(*os.File, []qcow2.DirectExtent) error) error {
+	return b.Img.ReadDirect(off, length, fn)
+}
 
 // flushImage is (*qcow2.Image).Flush; a test wraps it to count the fsyncs
 // that FUA and FLUSH cause.

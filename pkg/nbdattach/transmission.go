@@ -10,6 +10,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -41,6 +42,12 @@ type transmitter struct {
 
 	wmu  sync.Mutex
 	werr error // first reply write error; guarded by wmu
+
+	// direct and raw are set when READs can be answered with sendfile:
+	// the backend maps its data onto a file and the connection is a
+	// socket (direct.go).
+	direct DirectReader
+	raw    syscall.RawConn
 }
 
 func (s *Server) newTransmitter(c net.Conn, br *bufio.Reader, sess *session) *transmitter {
@@ -56,6 +63,11 @@ func (s *Server) newTransmitter(c net.Conn, br *bufio.Reader, sess *session) *tr
 	}
 	t.size.Store(uint64(t.backend.Size()))
 	t.orderer, _ = t.backend.(Orderer)
+	if dr, ok := t.backend.(DirectReader); ok {
+		if rc := rawConnOf(c); rc != nil {
+			t.direct, t.raw = dr, rc
+		}
+	}
 	return t
 }
 
@@ -313,6 +325,9 @@ func (t *transmitter) read(req request) {
 	}
 	if rerr := t.check(req, allowed, false, EINVAL, true); rerr != nil {
 		t.replyError(req, rerr)
+		return
+	}
+	if t.direct != nil && req.length >= directMin && t.readDirect(req) {
 		return
 	}
 	buf := getBuffer(int(req.length))

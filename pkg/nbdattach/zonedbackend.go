@@ -3,8 +3,10 @@ package nbdattach
 import (
 	"errors"
 	"fmt"
+	"os"
 	"syscall"
 
+	"github.com/zq-csi/zq-csi/pkg/qcow2"
 	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
@@ -42,6 +44,7 @@ var (
 	_ BlockStatuser = ZonedBackend{}
 	_ MetaContexter = ZonedBackend{}
 	_ Orderer       = ZonedBackend{}
+	_ DirectReader  = ZonedBackend{}
 )
 
 // OrderKey serializes writes per sequential zone, in arrival order, like
@@ -81,6 +84,12 @@ func zoneErr(err error) error {
 func (b ZonedBackend) ReadAt(p []byte, off int64) (int, error) {
 	n, err := b.D.ReadAt(p, off)
 	return n, zoneErr(err)
+}
+
+// ReadDirect lets READ replies go from the image file to the socket, with
+// zeros past the write pointers.
+func (b ZonedBackend) ReadDirect(off, length int64, fn func(*os.File, []qcow2.DirectExtent) error) error {
+	return zoneErr(b.D.ReadDirect(off, length, fn))
 }
 
 func (b ZonedBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {

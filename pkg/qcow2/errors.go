@@ -20,6 +20,9 @@ var (
 	ErrOutOfRange = errors.New("qcow2: request beyond the end of the image")
 	// ErrClosed: the image was closed.
 	ErrClosed = errors.New("qcow2: image is closed")
+	// ErrNotDirect: ReadDirect cannot map the range straight onto the image
+	// file (compressed clusters, or data from a backing file); use ReadAt.
+	ErrNotDirect = errors.New("qcow2: range is not a direct mapping of the image file")
 )
 
 // FormatError reports a problem found at a byte offset of the image file.

@@ -98,7 +98,9 @@ func (c *tableCache) drop(off uint64) {
 }
 
 // regionLocks are striped reader/writer locks, one stripe per L2 region
-// (the guest range one L2 table maps). A goroutine holds at most one.
+// (the guest range one L2 table maps). A goroutine holds at most one,
+// except Resize (all of them) and ReadDirect (those of its range), which
+// take them in ascending stripe order.
 type regionLocks struct {
 	s [64]sync.RWMutex
 }

@@ -333,6 +333,16 @@ type serveConn struct {
 // writev through the wrapper (nbdattach.BuffersWriter).
 func (c *serveConn) WriteBuffers(b *net.Buffers) (int64, error) { return b.WriteTo(c.Conn) }
 
+// SyscallConn exposes the socket under the wrapper, so that the NBD server
+// can send READ data from the image file with sendfile.
+func (c *serveConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, fmt.Errorf("connection %T has no socket to hand over", c.Conn)
+	}
+	return sc.SyscallConn()
+}
+
 func (c *serveConn) Close() error {
 	err := c.Conn.Close()
 	c.once.Do(c.l.release)
