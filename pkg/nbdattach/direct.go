@@ -228,18 +228,27 @@ func sendSome(rc syscall.RawConn, hdr *[]byte, f *os.File, ext []qcow2.DirectExt
 	}
 	cerr := rc.Write(func(fd uintptr) bool {
 		sfd := int(fd)
+		// retry says what a failed send means: EINTR, send again; EAGAIN,
+		// the socket is full (blocked); anything else ends the reply.
+		retry := func(e error) bool {
+			switch e {
+			case unix.EINTR:
+				return true
+			case unix.EAGAIN:
+				blocked = true
+			default:
+				err = e
+			}
+			return false
+		}
 		for len(*hdr) > 0 {
 			// MSG_MORE: the data follows at once; a TCP socket need not
 			// send the header in a packet of its own.
 			n, e := unix.SendmsgN(sfd, *hdr, nil, nil, unix.MSG_MORE|unix.MSG_NOSIGNAL)
-			switch {
-			case e == unix.EAGAIN:
-				blocked = true
-				return true
-			case e == unix.EINTR:
-				continue
-			case e != nil:
-				err = e
+			if e != nil {
+				if retry(e) {
+					continue
+				}
 				return true
 			}
 			*hdr = (*hdr)[n:]
@@ -260,16 +269,13 @@ func sendSome(rc syscall.RawConn, hdr *[]byte, f *os.File, ext []qcow2.DirectExt
 				off := x.HostOffset + done
 				n, e = unix.Sendfile(sfd, ffd, &off, int(min(left, 1<<30)))
 			}
-			switch {
-			case e == unix.EAGAIN:
-				blocked = true
+			if e != nil {
+				if retry(e) {
+					continue
+				}
 				return true
-			case e == unix.EINTR:
-				continue
-			case e != nil:
-				err = e
-				return true
-			case n == 0:
+			}
+			if n == 0 {
 				err = io.ErrUnexpectedEOF // the file ended under the mapping
 				return true
 			}

@@ -1,10 +1,8 @@
 package nbdattach
 
 import (
-	"context"
 	"fmt"
 	"math"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -50,57 +48,8 @@ func BenchmarkNBDReadImage(b *testing.B) {
 				if path == "sendfile" {
 					directMin = 0
 				}
-				benchReadImage(b, im, size, bs)
+				benchPipelined(b, ImageBackend{Img: im}, size, cmdRead, bs, 4)
 			})
 		}
 	}
-}
-
-func benchReadImage(b *testing.B, im *qcow2.Image, size, bs int) {
-	sock := filepath.Join(b.TempDir(), "s")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- NewServer(ExportList{{Backend: ImageBackend{Img: im}}}).Serve(ctx, l) }()
-	defer func() { cancel(); <-served }()
-	c, err := net.Dial("unix", sock)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
-	tc := newRawClient(c)
-	if err := tc.handshake(clientOpts{structured: true}); err != nil {
-		b.Fatal(err)
-	}
-	const depth = 4
-	window := make(chan struct{}, depth)
-	errc := make(chan error, 1)
-	b.SetBytes(int64(bs))
-	b.ResetTimer()
-	go func() {
-		for i := 0; i < b.N; i++ {
-			window <- struct{}{}
-			off := uint64(i*bs) % uint64(size)
-			if err := tc.send(request{typ: cmdRead, handle: uint64(i), offset: off, length: uint32(bs)}, nil); err != nil {
-				errc <- err
-				return
-			}
-		}
-		errc <- nil
-	}()
-	for i := 0; i < b.N; i++ {
-		r, err := tc.readReply(func(uint64) (uint32, bool) { return uint32(bs), true })
-		if err != nil || r.errno != 0 {
-			b.Fatalf("reply: %+v %v", r, err)
-		}
-		<-window
-	}
-	if err := <-errc; err != nil {
-		b.Fatal(err)
-	}
-	b.StopTimer()
-	tc.send(request{typ: cmdDisc}, nil)
 }

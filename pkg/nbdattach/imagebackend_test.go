@@ -199,7 +199,7 @@ func startUnixServer(t *testing.T, exports ExportList) *unixServer {
 
 // listenUnix listens on a unix socket in a fresh directory under the system
 // temporary directory (t.TempDir's paths can be too long for a socket).
-func listenUnix(t *testing.T) (string, net.Listener) {
+func listenUnix(t testing.TB) (string, net.Listener) {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "nbdattach")
 	if err != nil {
@@ -216,7 +216,7 @@ func listenUnix(t *testing.T) (string, net.Listener) {
 
 // serveUntilCleanup serves l with srv until the test ends, then stops it
 // and fails the test if Serve returned an error.
-func serveUntilCleanup(t *testing.T, srv *Server, l net.Listener) {
+func serveUntilCleanup(t testing.TB, srv *Server, l net.Listener) {
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ctx, l) }()
