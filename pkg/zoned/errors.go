@@ -51,6 +51,11 @@ type ZoneError struct {
 	Offset uint64
 	Length uint64
 	Err    error
+	// Limit, for ErrTooManyOpenZones and ErrTooManyActiveZones, names the
+	// limit that was reached and the zones holding it (e.g.
+	// "max_open_zones=6 reached: ..."): the errno alone (ETOOMANYREFS,
+	// EOVERFLOW) tells a user nothing.
+	Limit string
 }
 
 func (e *ZoneError) Error() string {
@@ -60,6 +65,9 @@ func (e *ZoneError) Error() string {
 	}
 	if e.Zone >= 0 {
 		where = fmt.Sprintf("zone %d %s", e.Zone, where)
+	}
+	if e.Limit != "" {
+		return fmt.Sprintf("zoned: %s %s: %v (%s)", e.Op, where, e.Err, e.Limit)
 	}
 	return fmt.Sprintf("zoned: %s %s: %v", e.Op, where, e.Err)
 }

@@ -1,6 +1,7 @@
 package zoned
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 )
@@ -171,6 +172,15 @@ type Machine struct {
 	lruHead  int32 // least recently written implicitly open zone
 	lruTail  int32
 
+	// fillers counts the pending writes and appends that end at their
+	// zone's writable end: each one's Commit makes its zone FULL and frees
+	// an open and an active slot (see waitForFill).
+	fillers int
+	// noWait makes a command refused for lack of resources fail at once
+	// even while fillers are pending; for single-goroutine tests that hold
+	// Pendings across commands, where waiting would wait for themselves.
+	noWait bool
+
 	// Undo log of the multi-zone management command being applied, so that
 	// a failure on its k-th zone leaves the machine exactly as it was.
 	logging              bool
@@ -259,6 +269,7 @@ type Pending struct {
 	first, last int // zones covered; claimed unless conventional
 	off, length uint64
 	prev        Cond // write/append: the zone's condition before
+	fills       bool // write/append: ends at the writable end (counted in fillers)
 	changes     []Change
 	unclaimed   bool // write to conventional zones: nothing to release
 	done        bool
@@ -310,6 +321,9 @@ func (p *Pending) end(ok bool) {
 	p.done = true
 	switch p.op {
 	case OpWrite, OpAppend:
+		if p.fills {
+			m.fillers--
+		}
 		i := p.first
 		z := &m.zones[i]
 		if z.claim != claimWrite || z.wp != p.off {
@@ -361,17 +375,22 @@ func (m *Machine) BeginWrite(off, length uint64) (*Pending, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.waitClaim(i)
-	z := &m.zones[i]
-	switch {
-	case z.cond == CondFull:
-		return fail(i, ErrZoneFull)
-	case off != z.wp:
-		return fail(i, ErrNotAtWritePointer)
-	case off+length > m.g.WritableEnd(i):
-		return fail(i, ErrBoundary)
+	for {
+		m.waitClaim(i)
+		z := &m.zones[i]
+		switch {
+		case z.cond == CondFull:
+			return fail(i, ErrZoneFull)
+		case off != z.wp:
+			return fail(i, ErrNotAtWritePointer)
+		case off+length > m.g.WritableEnd(i):
+			return fail(i, ErrBoundary)
+		}
+		p, err := m.acceptWrite(OpWrite, i, length)
+		if !m.waitForFill(err) {
+			return p, err
+		}
 	}
-	return m.acceptWrite(OpWrite, i, length)
 }
 
 // BeginAppend accepts a zone append of length bytes to zone i; the data
@@ -403,15 +422,45 @@ func (m *Machine) BeginAppend(i int, length uint64) (*Pending, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.waitClaim(i)
-	z := &m.zones[i]
-	switch {
-	case z.cond == CondFull:
-		return fail(ErrZoneFull)
-	case z.wp+length > m.g.WritableEnd(i):
-		return fail(ErrBoundary)
+	for {
+		m.waitClaim(i)
+		z := &m.zones[i]
+		switch {
+		case z.cond == CondFull:
+			return fail(ErrZoneFull)
+		case z.wp+length > m.g.WritableEnd(i):
+			return fail(ErrBoundary)
+		}
+		p, err := m.acceptWrite(OpAppend, i, length)
+		if !m.waitForFill(err) {
+			return p, err
+		}
 	}
-	return m.acceptWrite(OpAppend, i, length)
+}
+
+// waitForFill decides what a command refused with err does while zone
+// writes are pending: if err is a lack of open or active slots and a
+// pending write will fill its zone (and so free one of each), it waits for
+// some Pending to end and returns true, and the caller checks the command
+// again from the start. Called with m.mu held.
+//
+// This is the resource rule of a device that processes each command before
+// the next (null_blk, whose writes complete in submission order): by the
+// time it sees the next command, a zone-filling write it accepted has made
+// its zone FULL. Our exporters accept a command before its data is
+// written; without the wait, a write to an EMPTY zone that arrives while
+// another zone's last write is still being stored would be refused with
+// EOVERFLOW although the device is about to have the slot (issue 12: f2fs
+// and fio --zonemode=zbd saw "active zones exceeded" on our device and not
+// on null_blk). Waiting cannot deadlock: a Pending's owner only does its
+// I/O and then ends it.
+func (m *Machine) waitForFill(err error) bool {
+	if err == nil || m.noWait || m.fillers == 0 ||
+		!errors.Is(err, ErrTooManyActiveZones) && !errors.Is(err, ErrTooManyOpenZones) {
+		return false
+	}
+	m.released.Wait()
+	return true
 }
 
 // acceptWrite implicitly opens sequential zone i, whose position checks
@@ -422,7 +471,7 @@ func (m *Machine) acceptWrite(op Op, i int, length uint64) (*Pending, error) {
 	switch prev {
 	case CondEmpty, CondClosed:
 		if err := m.acquire(i); err != nil {
-			return nil, &ZoneError{Op: op, Zone: i, Offset: z.wp, Length: length, Err: err}
+			return nil, &ZoneError{Op: op, Zone: i, Offset: z.wp, Length: length, Err: err, Limit: m.limitText(err)}
 		}
 		m.setCond(i, CondImpOpen)
 	case CondImpOpen:
@@ -430,7 +479,11 @@ func (m *Machine) acceptWrite(op Op, i int, length uint64) (*Pending, error) {
 		m.lruPush(i)
 	}
 	z.claim = claimWrite
-	return &Pending{m: m, op: op, first: i, last: i, off: z.wp, length: length, prev: prev}, nil
+	fills := z.wp+length == m.g.WritableEnd(i)
+	if fills {
+		m.fillers++
+	}
+	return &Pending{m: m, op: op, first: i, last: i, off: z.wp, length: length, prev: prev, fills: fills}, nil
 }
 
 // BeginMgmt accepts a zone management command (OpOpen, OpClose, OpFinish,
@@ -483,6 +536,19 @@ func (m *Machine) beginZones(op Op, first, last int, off, length uint64) (*Pendi
 		m.waitClaim(i)
 		m.zones[i].claim = claimMgmt
 	}
+	for {
+		p, err, retry := m.applyZones(op, first, last, off, length)
+		if !retry {
+			return p, err
+		}
+	}
+}
+
+// applyZones applies op to the claimed zones first..last, all or nothing.
+// retry says the command was rolled back and waited for a zone-filling
+// write (waitForFill): the caller applies it again, still holding the
+// claims.
+func (m *Machine) applyZones(op Op, first, last int, off, length uint64) (p *Pending, err error, retry bool) {
 	// Resets cannot fail, and a reset-all may cover 2^20 zones: no log.
 	m.startLog(op != OpReset && op != OpResetAll)
 	var changes []Change
@@ -501,18 +567,21 @@ func (m *Machine) beginZones(op Op, first, last int, off, length uint64) (*Pendi
 		}
 		if err != nil {
 			m.rollback()
+			if m.waitForFill(err) {
+				return nil, nil, true
+			}
 			for j := first; j <= last; j++ {
 				m.zones[j].claim = claimNone
 			}
 			m.released.Broadcast()
-			return nil, &ZoneError{Op: op, Zone: i, Offset: off, Length: length, Err: err}
+			return nil, &ZoneError{Op: op, Zone: i, Offset: off, Length: length, Err: err, Limit: m.limitText(err)}, false
 		}
 		if z := m.zones[i]; z.cond != before.cond || z.wp != before.wp {
 			changes = append(changes, Change{Zone: i, Start: m.g.ZoneStart(i), OldWP: before.wp, NewWP: z.wp, OldCond: before.cond, NewCond: z.cond})
 		}
 	}
 	m.endLog()
-	return &Pending{m: m, op: op, first: first, last: last, off: off, length: length, changes: changes}, nil
+	return &Pending{m: m, op: op, first: first, last: last, off: off, length: length, changes: changes}, nil, false
 }
 
 // open: EXPLICIT OPEN (null_open_zone). EXP_OPEN is a no-op; EMPTY and
@@ -587,6 +656,19 @@ func (m *Machine) closeZone(i int) {
 	} else {
 		m.setCond(i, CondClosed)
 	}
+}
+
+// limitText says which limit a resource error hit, with the counts at
+// the time, for ZoneError.Limit. Called with m.mu held (or during
+// rollback, when the counts are those the command saw).
+func (m *Machine) limitText(err error) string {
+	switch {
+	case errors.Is(err, ErrTooManyActiveZones):
+		return fmt.Sprintf("max_active_zones=%d reached: %d open, %d closed", m.g.MaxActive, m.n.Open(), m.n.Closed)
+	case errors.Is(err, ErrTooManyOpenZones):
+		return fmt.Sprintf("max_open_zones=%d reached: all %d open zones are explicitly open, none can be closed implicitly", m.g.MaxOpen, m.n.ExplicitOpen)
+	}
+	return ""
 }
 
 func (m *Machine) activeFree() bool {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -1092,5 +1093,137 @@ func TestStrings(t *testing.T) {
 	err := &ZoneError{Op: OpWrite, Zone: 3, Offset: 4096, Length: 512, Err: ErrNotAtWritePointer}
 	if got, want := err.Error(), "zoned: write zone 3 offset 4096 length 512: write does not start at the write pointer"; got != want {
 		t.Errorf("Error() = %q, want %q", got, want)
+	}
+}
+
+// Issue 12, first accounting bug: a write that fills its zone is accepted
+// (the zone stays IMP_OPEN and active) and its data is still being stored
+// when the next command, a write to an EMPTY zone, arrives. A device that
+// processes commands in order has already made the first zone FULL; the
+// engine refused the second write with EOVERFLOW ("active zones exceeded",
+// which the kernel then turns into EIO for every plugged BIO of the zone).
+// Now the refused command waits for the pending filler and is accepted
+// when the filler commits, or refused if it aborts.
+func TestFillerFreesSlotBeforeRefusal(t *testing.T) {
+	g := Geometry{Size: 8 * 4096, ZoneSize: 4096, ZoneCapacity: 3072, NrZones: 8, Conventional: 1, MaxAppendBytes: 1024, MaxOpen: 2, MaxActive: 2}
+	for _, tc := range []struct {
+		name   string
+		second func(m *Machine) error
+		commit bool
+		want   error
+	}{
+		{"write to EMPTY, filler commits", func(m *Machine) error { return m.Write(g.ZoneStart(3), 512) }, true, nil},
+		{"append to EMPTY, filler commits", func(m *Machine) error { _, err := m.Append(3, 512); return err }, true, nil},
+		{"explicit open, filler commits", func(m *Machine) error { return m.Open(3) }, true, nil},
+		{"finish of EMPTY, filler commits", func(m *Machine) error { return m.Finish(3) }, true, nil},
+		{"write to EMPTY, filler aborts", func(m *Machine) error { return m.Write(g.ZoneStart(3), 512) }, false, ErrTooManyActiveZones},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := newMachine(t, g)
+			must(t, m.Write(g.ZoneStart(1), 512)) // zone 1 active
+			must(t, m.Write(g.ZoneStart(2), 2048))
+			// The last 1 KiB of zone 2's capacity: this write fills it.
+			p, err := m.BeginWrite(g.ZoneStart(2)+2048, 1024)
+			must(t, err)
+			done := make(chan error, 1)
+			go func() { done <- tc.second(m) }()
+			select {
+			case err := <-done:
+				t.Fatalf("second command did not wait for the zone-filling write: %v", err)
+			case <-time.After(100 * time.Millisecond):
+			}
+			if tc.commit {
+				p.Commit()
+			} else {
+				p.Abort()
+			}
+			err = <-done
+			if !errors.Is(err, tc.want) || (err == nil) != (tc.want == nil) {
+				t.Fatalf("second command: %v, want %v", err, tc.want)
+			}
+			if c, _ := zoneState(m, 2); tc.commit && c != CondFull {
+				t.Errorf("zone 2 is %v after its filling write committed", c)
+			}
+			checkOK(t, m)
+		})
+	}
+	// Without a pending filler the refusal is immediate, as before.
+	m := newMachine(t, g)
+	must(t, m.Write(g.ZoneStart(1), 512))
+	must(t, m.Write(g.ZoneStart(2), 512))
+	p, err := m.BeginWrite(g.ZoneStart(2)+512, 512) // pending, does not fill
+	must(t, err)
+	if err := m.Write(g.ZoneStart(3), 512); !errors.Is(err, ErrTooManyActiveZones) {
+		t.Errorf("write with no filler pending: %v, want ErrTooManyActiveZones", err)
+	}
+	p.Commit()
+}
+
+// Four writers, each filling its own zones in turn, with max_active 4:
+// what fio --zonemode=zbd with one zone per job does through an exporter
+// serving several queues. The write that fills a zone is stored on another
+// thread (another queue) while the writer already sends the first write of
+// its next zone. A device processing commands in order never has more than
+// four zones active here, so every write must be accepted.
+func TestFillersUnderConcurrency(t *testing.T) {
+	g := Geometry{Size: 64 * 8192, ZoneSize: 8192, ZoneCapacity: 6144, NrZones: 64, Conventional: 4, MaxAppendBytes: 2048, MaxOpen: 3, MaxActive: 4}
+	m := newMachine(t, g)
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for z := 4 + w; z < 64; z += 4 {
+				for off := g.ZoneStart(z); off < g.WritableEnd(z); off += 1024 {
+					p, err := m.BeginWrite(off, 1024)
+					if err != nil {
+						t.Errorf("writer %d zone %d offset %d: %v", w, z, off-g.ZoneStart(z), err)
+						return
+					}
+					if off+1024 == g.WritableEnd(z) {
+						wg.Add(1)
+						go func() { // the filling write, stored by another queue
+							defer wg.Done()
+							time.Sleep(2 * time.Millisecond)
+							p.Commit()
+						}()
+						continue
+					}
+					time.Sleep(time.Duration(off%3) * 50 * time.Microsecond) // the I/O
+					p.Commit()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	checkOK(t, m)
+	for z := 4; z < 64; z++ {
+		if c, _ := zoneState(m, z); c != CondFull {
+			t.Errorf("zone %d %v", z, c)
+		}
+	}
+}
+
+// A refusal for lack of resources names the limit and the zones holding
+// it (issue 14: "Too many references: cannot splice" told a user nothing).
+func TestLimitErrorsNameTheLimit(t *testing.T) {
+	g := base()
+	g.Conventional, g.MaxOpen, g.MaxActive = 0, 2, 3
+	m := newMachine(t, g)
+	must(t, m.Open(0))
+	must(t, m.Open(1))
+	err := m.Write(g.ZoneStart(2), 512)
+	var ze *ZoneError
+	if !errors.As(err, &ze) || ze.Limit != "max_open_zones=2 reached: all 2 open zones are explicitly open, none can be closed implicitly" {
+		t.Errorf("open limit: %v", err)
+	}
+	must(t, m.Close(1)) // EMPTY again: nothing written
+	must(t, m.Write(g.ZoneStart(1), 512))
+	must(t, m.Close(1))
+	must(t, m.Write(g.ZoneStart(2), 512))
+	err = m.Write(g.ZoneStart(3), 512)
+	if !errors.As(err, &ze) || ze.Limit != "max_active_zones=3 reached: 2 open, 1 closed" ||
+		!strings.HasSuffix(err.Error(), "too many active zones (max_active_zones=3 reached: 2 open, 1 closed)") {
+		t.Errorf("active limit: %v", err)
 	}
 }

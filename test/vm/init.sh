@@ -6,7 +6,7 @@ export PATH=/bin:/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs -o size=1500m tmp /tmp
+mount -t tmpfs -o size=2000m tmp /tmp
 mkdir -p /var/lock /run
 . /zq/env
 echo "ZQVM: BEGIN kernel $(uname -r)"
@@ -45,7 +45,7 @@ cd /tmp
 # ended by Go's own -test.timeout, and must not leave the VM running
 # until the host's timeout with nothing said. Past the limit the watchdog
 # prints every blocked task's kernel stack and powers off.
-( ZQ_VM=1 ZQ_CSI_BIN=/zq/zq-csi ZQ_VM_MIB=$ZQ_VM_MIB ZQ_VM_DD_ROUNDS=$ZQ_VM_DD_ROUNDS /zq/vm.test -test.v -test.count="${ZQ_VM_COUNT:-1}" \
+( ZQ_VM=1 ZQ_CONSUMER_RUN="$ZQ_CONSUMER_RUN" ZQ_CSI_BIN=/zq/zq-csi ZQ_VM_MIB=$ZQ_VM_MIB ZQ_VM_DD_ROUNDS=$ZQ_VM_DD_ROUNDS /zq/vm.test -test.v -test.count="${ZQ_VM_COUNT:-1}" \
     -test.timeout="${ZQ_VM_TEST_TIMEOUT:-8}m" -test.run "$ZQ_VM_RUN" 2>&1
   echo "ZQVM: GO-TESTS rc=$?" ) &
 tests=$!

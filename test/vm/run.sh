@@ -18,6 +18,7 @@
 #   ZQ_VM_KERNEL_PKG   a kernel package to use instead of the one
 #                      linux-image-6.12-amd64 depends on (said out loud)
 #   ZQ_VM_RUN          -test.run pattern for the in-VM Go tests
+#   ZQ_CONSUMER_RUN    regexp on "<workload> <geometry>" choosing the consumer lane's comparisons
 #   ZQ_VM_COUNT        -test.count for them (default 1; raise it to hunt races)
 #   ZQ_VM_TEST_TIMEOUT minutes for them (default 8); a watchdog in the VM
 #                      reports blocked tasks and powers off 30 s later
@@ -106,6 +107,21 @@ fetch_btrfs() {
 if [ ! -f "$KDIR/.btrfs" ]; then
   if fetch_btrfs; then touch "$KDIR/.btrfs"; else say "btrfs module unavailable: the zoned file system check will be skipped"; fi
 fi
+# f2fs and zonefs (with what f2fs needs: lz4, crc32) for the consumer lane
+# (consumer_test.go), added to a cache made before they were needed.
+fetch_consumer_fs() {
+  local T; T=$(mktemp -d)
+  (cd "$T" && apt-get download "$KPKG" >/dev/null 2>&1 && dpkg-deb -x ./*.deb x) || { rm -rf "$T"; return 1; }
+  (cd "$T/x/lib/modules/$KREL" && for m in fs/f2fs/f2fs fs/zonefs/zonefs lib/lz4/lz4_compress lib/lz4/lz4hc_compress crypto/crc32_generic; do
+     for f in kernel/$m.ko*; do if [ -f "$f" ]; then cp --parents "$f" "$KDIR/modules/$KREL/"; fi; done
+   done)
+  rm -rf "$T"
+  find "$KDIR/modules" -name '*.ko.xz' -exec xz -d {} + ; find "$KDIR/modules" -name '*.ko.zst' -exec zstd -q -d --rm {} +
+  ls "$KDIR/modules/$KREL/kernel/fs/f2fs/f2fs.ko" >/dev/null 2>&1
+}
+if [ ! -f "$KDIR/.consumerfs" ]; then
+  if fetch_consumer_fs; then touch "$KDIR/.consumerfs"; else say "f2fs/zonefs modules unavailable: the consumer lane's f2fs and zonefs workloads will fail"; fi
+fi
 
 # --- initramfs ---------------------------------------------------------------
 W=$(mktemp -d /tmp/zq-vm.XXXXXX)
@@ -130,14 +146,14 @@ else
 fi
 # blkzone and fio (zonemode=zbd) for the ublk tests, with their libraries;
 # the tests skip what is missing.
-for tool in blkzone fio mkfs.btrfs; do
+for tool in blkzone fio mkfs.btrfs btrfs mkfs.f2fs fsck.f2fs; do
   if T=$(command -v $tool); then
     mkdir -p "$R/usr/bin"; cp "$T" "$R/usr/bin/$tool"
     ldd "$T" | awk '$1 ~ /^\// {print $1} /=>/ {print $3}' | while read -r lib; do
       if [ -f "$lib" ] && [ ! -e "$R$lib" ]; then mkdir -p "$R$(dirname "$lib")"; cp -L "$lib" "$R$lib"; fi
     done
   else
-    case $tool in blkzone) p=util-linux ;; mkfs.btrfs) p=btrfs-progs ;; *) p=$tool ;; esac
+    case $tool in blkzone) p=util-linux ;; mkfs.btrfs|btrfs) p=btrfs-progs ;; mkfs.f2fs|fsck.f2fs) p=f2fs-tools ;; *) p=$tool ;; esac
     say "$tool not installed (apt-get install $p): its ublk checks will be skipped"
   fi
 done
@@ -146,6 +162,7 @@ cat > "$R/zq/env" <<EOF
 ZQ_VM_MIB=${ZQ_VM_MIB:-64}
 ZQ_VM_DD_ROUNDS=${ZQ_VM_DD_ROUNDS:-3}
 ZQ_VM_RUN='${ZQ_VM_RUN:-.}'
+ZQ_CONSUMER_RUN='${ZQ_CONSUMER_RUN:-}'
 ZQ_VM_COUNT=${ZQ_VM_COUNT:-1}
 ZQ_VM_TEST_TIMEOUT=${ZQ_VM_TEST_TIMEOUT:-8}
 KREL=$KREL
@@ -172,7 +189,7 @@ t1=$(date +%s)
 # escapes on the same line) is never retried.
 for boot in 1 2 3; do
   set +e
-  timeout "${ZQ_VM_TIMEOUT:-900}" qemu-system-x86_64 "${QACCEL[@]}" -m 2048 -smp 2 -nographic -no-reboot \
+  timeout "${ZQ_VM_TIMEOUT:-900}" qemu-system-x86_64 "${QACCEL[@]}" -m "${ZQ_VM_MEM:-3072}" -smp 2 -nographic -no-reboot \
     -kernel "$KDIR/vmlinuz" -initrd "$W/initrd.gz" \
     -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" </dev/null 2>&1 | tee "$LOG" | sed -u 's/^/  vm| /'
   qrc=${PIPESTATUS[0]}
@@ -194,7 +211,7 @@ tr -d '\r' < "$LOG" > "$W/clean.log"
 echo
 say "==== summary ($ACCEL, kernel $KREL, VM ran $((t2 - t1))s, total $((t2 - t0))s) ===="
 grep -E '^(--- (PASS|FAIL|SKIP)|    --- (PASS|FAIL|SKIP))' "$W/clean.log" | sed 's/^/[test-vm]   /' || true
-grep -E '^ZQVM: (RESTART|RESIZE|DD|RATIO|ZONED|UBLK|NULLBLK|MODULE|WATCHDOG|IO-FLUSHER)' "$W/clean.log" | sed 's/^ZQVM: /[test-vm]   /' || true
+grep -E '^ZQVM: (RESTART|RESIZE|DD|RATIO|ZONED|UBLK|NULLBLK|MODULE|WATCHDOG|IO-FLUSHER|CONSUMER|QUEUE)' "$W/clean.log" | sed 's/^ZQVM: /[test-vm]   /' || true
 if ! grep -q '^ZQVM: DONE' "$W/clean.log"; then
   say "FAIL: the VM did not finish (qemu exit $qrc; timeout ${ZQ_VM_TIMEOUT:-900}s)"
   exit 1
