@@ -166,7 +166,7 @@ func New(cfg Config) (*Driver, error) {
 	} else {
 		d.ready.Store(true)
 	}
-	d.reportQuarantined()
+	d.reportQuarantined(d.storeQuarantined())
 	return d, nil
 }
 
@@ -201,6 +201,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 			live[a.VolumeID] = att.Kind()
 		}
 	}
+	d.reportQuarantined(d.attacherQuarantined())
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}

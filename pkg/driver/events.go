@@ -62,18 +62,7 @@ type quarantiner interface{ Quarantined() []QuarantinedRecord }
 // attacher's. `zq-csi volume list` and the debug API's /v1/health show
 // them; NodeGetStorageHealth reports them as degraded.
 func (d *Driver) Quarantined() []QuarantinedRecord {
-	var out []QuarantinedRecord
-	if q, ok := d.backend.(quarantiner); ok {
-		out = append(out, q.Quarantined()...)
-	}
-	if d.node != nil {
-		out = append(out, d.node.d.quarantined...)
-	}
-	for _, a := range []any{d.cfg.Attacher, d.cfg.ZonedAttacher} {
-		if q, ok := a.(quarantiner); ok {
-			out = append(out, q.Quarantined()...)
-		}
-	}
+	out := append(d.storeQuarantined(), d.attacherQuarantined()...)
 	slices.SortFunc(out, func(a, b QuarantinedRecord) int {
 		if c := a.Time.Compare(b.Time); c != 0 {
 			return c
@@ -86,9 +75,10 @@ func (d *Driver) Quarantined() []QuarantinedRecord {
 	return out
 }
 
-// reportQuarantined logs and events the files moved aside by this start.
-func (d *Driver) reportQuarantined() {
-	for _, q := range d.Quarantined() {
+// reportQuarantined logs and events the files in q (moved aside by this
+// start, or still aside from an earlier one).
+func (d *Driver) reportQuarantined(q []QuarantinedRecord) {
+	for _, q := range q {
 		if q.Earlier {
 			klog.InfoS("State record quarantined by an earlier start is still set aside", "path", q.Path)
 			continue
@@ -96,4 +86,28 @@ func (d *Driver) reportQuarantined() {
 		d.event(Event{Type: EventWarning, Reason: ReasonRecordQuarantined,
 			Message: "state record " + q.Original + " could not be loaded (" + q.Reason + "); moved aside to " + q.Path + " and started without it"})
 	}
+}
+
+// storeQuarantined lists what the record stores (not the attachers) set
+// aside.
+func (d *Driver) storeQuarantined() []QuarantinedRecord {
+	var out []QuarantinedRecord
+	if q, ok := d.backend.(quarantiner); ok {
+		out = append(out, q.Quarantined()...)
+	}
+	if d.node != nil {
+		out = append(out, d.node.d.quarantined...)
+	}
+	return out
+}
+
+// attacherQuarantined lists what the attachers' Recover set aside.
+func (d *Driver) attacherQuarantined() []QuarantinedRecord {
+	var out []QuarantinedRecord
+	for _, a := range []any{d.cfg.Attacher, d.cfg.ZonedAttacher} {
+		if q, ok := a.(quarantiner); ok {
+			out = append(out, q.Quarantined()...)
+		}
+	}
+	return out
 }

@@ -163,7 +163,12 @@ func (a *FileAttacher) Recover(ctx context.Context, open func(nbdattach.Attachme
 	defer a.mu.Unlock()
 	var errs []error
 	var out []nbdattach.Attachment
+	a.quarantined = nil
 	for _, e := range ents {
+		if i := strings.Index(e.Name(), quarantineSuffix); i > 0 {
+			a.quarantined = append(a.quarantined, earlierQuarantine(a.dir, e.Name(), i))
+			continue
+		}
 		if !strings.HasSuffix(e.Name(), ".json") || strings.HasPrefix(e.Name(), ".tmp-") {
 			continue
 		}

@@ -159,8 +159,8 @@ func TestParseBytes(t *testing.T) {
 		{"4Ki", 4096, ""},
 		{"1g", 1 << 30, ""},
 		{"1E", 1 << 60, ""},
-		{"500k", 500000, ""},   // Kubernetes decimal
-		{"1e6", 1000000, ""},   // Kubernetes exponent
+		{"500k", 500000, ""}, // Kubernetes decimal
+		{"1e6", 1000000, ""}, // Kubernetes exponent
 		{"2048000m", 0, "ambiguous suffix m"},
 		{"64m", 0, "ambiguous suffix m"},
 		{"0.5", 0, "not a whole number of bytes"},
@@ -196,10 +196,10 @@ func TestParseBytes(t *testing.T) {
 		t.Errorf("image geometry %+v, %v", g, err)
 	}
 	for params, want := range map[string]string{
-		"zone.size=1e6":       "parameter zone.size=1e6: must be a power of two of at least 512 bytes (1e6 is 1000000 bytes)",
-		"zone.capacity=2Mi":   "parameter zone.capacity=2Mi (2097152 bytes): zone capacity exceeds zone size",
-		"clusterSize=3Ki":     "parameter clusterSize=3Ki (3072 bytes)",
-		"zone.size=64m":       "parameter zone.size=64m: ambiguous suffix m",
+		"zone.size=1e6":     "parameter zone.size=1e6: must be a power of two of at least 512 bytes (1e6 is 1000000 bytes)",
+		"zone.capacity=2Mi": "parameter zone.capacity=2Mi (2097152 bytes): zone capacity exceeds zone size",
+		"clusterSize=3Ki":   "parameter clusterSize=3Ki (3072 bytes)",
+		"zone.size=64m":     "parameter zone.size=64m: ambiguous suffix m",
 	} {
 		k, val, _ := strings.Cut(params, "=")
 		p := map[string]string{"zone.size": "1Mi", k: val}
