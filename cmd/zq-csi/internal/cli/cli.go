@@ -73,7 +73,7 @@ func FlagError(stderr io.Writer, prog string, fs *flag.FlagSet, err error, helpC
 }
 
 // invalidValue is the flag package's message for a value Set refused.
-var invalidValue = regexp.MustCompile(`^invalid (boolean )?value "(.*)" for flag -{1,2}([^:]+): (.*)$`)
+var invalidValue = regexp.MustCompile(`^invalid (boolean )?value "(.*)" for (?:flag )?-{1,2}([^:]+): (.*)$`)
 
 // IsHelp tells a parse error that is a request for help.
 func IsHelp(err error) bool { return errors.Is(err, flag.ErrHelp) }
