@@ -57,19 +57,36 @@ func FlagError(stderr io.Writer, prog string, fs *flag.FlagSet, err error, helpC
 	}
 	if m := invalidValue.FindStringSubmatch(msg); m != nil {
 		rule := m[4]
-		switch rule {
-		case "parse error":
-			rule = "not a number"
-		case "value out of range":
-			rule = "out of range"
+		if rule == "parse error" || rule == "value out of range" || m[1] != "" {
+			rule = "must be " + kindOf(fs.Lookup(m[3]))
+			if m[4] == "value out of range" {
+				rule = "out of range"
+			}
 		}
 		msg = "--" + m[3] + "=" + m[2] + ": " + rule
-		if m[1] != "" {
-			msg = "--" + m[3] + "=" + m[2] + ": must be true or false"
-		}
 	}
 	fmt.Fprintf(stderr, "%s: %s\nRun '%s --help' for usage.\n", prog, msg, helpCmd)
 	return ExitUsage
+}
+
+// kindOf says what values a standard flag takes.
+func kindOf(f *flag.Flag) string {
+	if f == nil {
+		return "a valid value"
+	}
+	switch t := fmt.Sprintf("%T", f.Value); {
+	case strings.Contains(t, "duration"):
+		return "a duration such as 90s, 5m or 1h30m"
+	case strings.Contains(t, "bool"):
+		return "true or false"
+	case strings.Contains(t, "float"):
+		return "a number"
+	case strings.Contains(t, "uint"):
+		return "a whole number, 0 or more"
+	case strings.Contains(t, "int"):
+		return "a whole number"
+	}
+	return "a valid value"
 }
 
 // invalidValue is the flag package's message for a value Set refused.
@@ -112,4 +129,42 @@ func editDistance(a, b string) int {
 		prev, cur = cur, prev
 	}
 	return prev[len(b)]
+}
+
+// ParseError is an error of Parse, with the flag set it came from.
+type ParseError struct {
+	FS  *flag.FlagSet
+	Err error
+}
+
+func (e *ParseError) Error() string { return e.Err.Error() }
+func (e *ParseError) Unwrap() error { return e.Err }
+
+// Parse is fs.Parse with the flag package's own printing off: its error
+// (help asked for, or a usage error) comes back as a *ParseError for
+// Report.
+func Parse(fs *flag.FlagSet, args []string) error {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		return &ParseError{FS: fs, Err: err}
+	}
+	return nil
+}
+
+// Report handles an error of Parse: help for the flag set goes to stdout
+// (ExitOK), a usage error is one line on stderr (ExitUsage). ok is false
+// for other errors.
+func Report(stdout, stderr io.Writer, err error) (code int, ok bool) {
+	var pe *ParseError
+	if !errors.As(err, &pe) {
+		return 0, false
+	}
+	if IsHelp(pe.Err) {
+		fmt.Fprintf(stdout, "Usage of %s:\n", pe.FS.Name())
+		pe.FS.SetOutput(stdout)
+		pe.FS.PrintDefaults()
+		pe.FS.SetOutput(io.Discard)
+		return ExitOK, true
+	}
+	return FlagError(stderr, pe.FS.Name(), pe.FS, pe.Err, pe.FS.Name()), true
 }

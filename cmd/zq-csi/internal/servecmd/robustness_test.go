@@ -188,7 +188,7 @@ func TestInvalidInvocationTouchesNothing(t *testing.T) {
 		{[]string{"--driver-name", "-x-"}, `driver name "-x-"`},
 		{[]string{"--v", "abc"}, "--v=abc: must be a whole number from 0 to 10"},
 		{[]string{"--v=-1"}, "--v=-1: must be a whole number from 0 to 10"},
-		{[]string{"--ublk-queues", "x"}, "--ublk-queues=x: not a number"},
+		{[]string{"--ublk-queues", "x"}, "--ublk-queues=x: must be a whole number"},
 		{[]string{"--logtostderr=false"}, "--logtostderr=false: zq-csi logs to stderr only"},
 		{[]string{"--logtostderr=maybe"}, "--logtostderr=maybe: must be true or false"},
 		{[]string{"--endpont", "unix:///x"}, "unknown flag --endpont (did you mean --endpoint?)"},
