@@ -171,6 +171,17 @@ func TestGRPCErrorLoggedOnce(t *testing.T) {
 	if n := strings.Count(s.out.String(), `"GRPC error"`); n != 1 {
 		t.Fatalf("the error is logged %d times, want once:\n%s", n, s.out)
 	}
+	if strings.Contains(s.out.String(), `"GRPC call"`) {
+		t.Errorf("--v=0 logs every call:\n%s", s.out)
+	}
+	// --v=2 logs each call, once.
+	s2 := startServe(t, t.TempDir(), "--v=2")
+	s2.waitServing(t)
+	s2.controller(t).CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: ""})
+	s2.stop(t)
+	if n := strings.Count(s2.out.String(), `"GRPC call" method="/csi.v1.Controller/CreateVolume"`); n != 1 {
+		t.Errorf("--v=2: the call is logged %d times, want once:\n%s", n, s2.out)
+	}
 }
 
 // Issue 14: an invalid invocation created directories before it was

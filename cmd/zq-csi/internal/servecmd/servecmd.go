@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -177,6 +178,14 @@ func Main(args []string, env Env) int {
 		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\nRun 'zq-csi serve --help' for usage.\n", err)
 		return cli.ExitUsage
 	}
+	// First thing on disk: the state directory's lock. Everything after
+	// (attacher records, recovery, sockets) belongs to its holder.
+	lock, err := driver.LockStateDir(o.stateDir)
+	if err != nil {
+		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\n", err)
+		return cli.ExitError
+	}
+	defer lock.Unlock()
 	flush := setupLogging(env.Stderr, int(o.verbosity))
 	defer flush()
 
@@ -186,14 +195,6 @@ func Main(args []string, env Env) int {
 	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	// First thing on disk: the state directory's lock. Everything after
-	// (attacher records, recovery, sockets) belongs to its holder.
-	lock, err := driver.LockStateDir(o.stateDir)
-	if err != nil {
-		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\n", err)
-		return cli.ExitError
-	}
-	defer lock.Unlock()
 	if err := run(ctx, o, env.Version); err != nil {
 		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\n", err)
 		return cli.ExitError
@@ -204,15 +205,47 @@ func Main(args []string, env Env) int {
 // setupLogging sends klog's output, once per entry, to w. klog's own file
 // output with SetOutput writes each entry to the writer of its severity
 // and of every lower one, and errors to os.Stderr besides: an error
-// appeared four times. A text logger writing klog's formatted lines to w
-// is one output.
+// appeared four times. A text logger writing klog's formatted lines is one
+// output. It is installed once per process (klog is global); later calls
+// (tests running serve more than once) only change the writer and the
+// verbosity, which klog itself applies.
 func setupLogging(w io.Writer, v int) (flush func()) {
-	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
-	klog.InitFlags(klogFlags)
+	logOnce.Do(func() {
+		klog.InitFlags(klogFlags)
+		// klog's -v filters; the text logger passes what klog lets through.
+		cfg := textlogger.NewConfig(textlogger.Verbosity(10), textlogger.Output(logOut))
+		klog.SetLoggerWithOptions(textlogger.NewLogger(cfg))
+	})
+	logOut.set(w)
 	klogFlags.Set("v", strconv.Itoa(v))
-	cfg := textlogger.NewConfig(textlogger.Verbosity(v), textlogger.Output(w))
-	klog.SetLoggerWithOptions(textlogger.NewLogger(cfg))
 	return klog.Flush
+}
+
+var (
+	logOnce   sync.Once
+	klogFlags = flag.NewFlagSet("klog", flag.ContinueOnError)
+	logOut    = &swapWriter{}
+)
+
+// swapWriter is the log's destination, replaceable while logging.
+type swapWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *swapWriter) set(w io.Writer) {
+	s.mu.Lock()
+	s.w = w
+	s.mu.Unlock()
+}
+
+func (s *swapWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.w == nil {
+		return len(p), nil
+	}
+	return s.w.Write(p)
 }
 
 // check validates the flags before anything is created: a bad invocation
