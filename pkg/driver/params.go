@@ -327,8 +327,8 @@ func capacityFor(required, limit int64, zoneSize, clusterSize uint64, minZones u
 		want = min(want, largest)
 	}
 	if want > largest {
-		return 0, errorf(ErrOutOfRange, "capacity_range: required_bytes=%d (%s) is above the largest volume of this StorageClass, %d bytes (%s): %s",
-			want, fmtSize(want), largest, fmtSize(largest), why)
+		return 0, errorf(ErrOutOfRange, "capacity_range: required_bytes=%s is above the largest volume of this StorageClass, %s: %s",
+			bytesAndSize(want), bytesAndSize(largest), why)
 	}
 	size := (want + zoneSize - 1) / zoneSize * zoneSize
 	if limit > 0 && size > uint64(limit) {
@@ -481,6 +481,16 @@ func paramError(err error, size uint64, p map[string]string) error {
 		val = v + " (" + oe.Value + " bytes)" // as the user wrote it
 	}
 	return errorf(ErrInvalidArgument, "parameter %s=%s: %s", name, val, oe.Rule)
+}
+
+// bytesAndSize writes "N (fmtSize)" or, when fmtSize is the bare
+// number, "N bytes".
+func bytesAndSize(v uint64) string {
+	n := strconv.FormatUint(v, 10)
+	if f := fmtSize(v); f != n {
+		return n + " (" + f + ")"
+	}
+	return n + " bytes"
 }
 
 // fmtSize writes a byte count the way qemu-img sizes are written when it is

@@ -226,8 +226,8 @@ func TestCapacityLimitOneRule(t *testing.T) {
 		code     codes.Code
 		contains []string
 	}{
-		{"1 EiB", nil, ei, codes.OutOfRange, []string{"required_bytes=1152921504606846976 (1E)", "largest volume of this StorageClass, 281474976710656 bytes (256T)", "1048576 zones", "zone.size=256M"}},
-		{"8 EiB-1", nil, math.MaxInt64, codes.OutOfRange, []string{"required_bytes=9223372036854775807", "(256T)"}},
+		{"1 EiB", nil, ei, codes.OutOfRange, []string{"required_bytes=1152921504606846976 (1E)", "largest volume of this StorageClass, 281474976710656 (256T)", "1048576 zones", "zone.size=256M"}},
+		{"8 EiB-1", nil, math.MaxInt64, codes.OutOfRange, []string{"required_bytes=9223372036854775807 bytes is above", "(256T)"}},
 		{"above the zones of 1M", map[string]string{"zone.size": "1M"}, 2 << 40, codes.OutOfRange, []string{"(1T)", "zone.size=1M"}},
 		{"above the L1 of 512-byte clusters", map[string]string{"zone.size": "1M", "clusterSize": "512"}, 200 << 30, codes.OutOfRange, []string{"(128G)", "clusterSize=512"}},
 		{"largest, but no room", map[string]string{"zone.size": "1M"}, 1 << 40, codes.ResourceExhausted, []string{"does not fit on node n1"}},
