@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -48,8 +49,9 @@ func (d *Driver) runOrphanCollector(ctx context.Context) {
 // partial images first, then their records. A record whose name or ID a
 // running call holds is left alone (that call is finishing it), and every
 // record is read again under the locks before it goes. It returns how many
-// it removed. Group snapshots are not collected (their members are
-// removed with the group).
+// it removed (a group snapshot counts once). Group snapshots are found
+// through their members' records: a group interrupted before it wrote
+// any member record is not collected.
 func (d *Driver) CollectOrphans(ctx context.Context) (int, error) {
 	grace := d.cfg.OrphanGrace
 	if d.backend == nil || grace < 0 {
@@ -81,8 +83,25 @@ func (d *Driver) CollectOrphans(ctx context.Context) (int, error) {
 	if err != nil {
 		return n, err
 	}
+	groups := map[string]bool{}
 	for _, s := range snaps {
-		if s.State != stateCreating || s.GroupID != "" || !old(s.Created) {
+		if s.State != stateCreating || !old(s.Created) {
+			continue
+		}
+		if s.GroupID != "" {
+			// A member of an interrupted group snapshot: the group goes
+			// as a whole, members first.
+			if groups[s.GroupID] {
+				continue
+			}
+			groups[s.GroupID] = true
+			done, err := d.collectGroup(ctx, s.GroupID, old)
+			if err != nil {
+				return n, err
+			}
+			if done {
+				n++
+			}
 			continue
 		}
 		done, err := d.collectSnapshot(ctx, s.ID, s.Name)
@@ -137,5 +156,42 @@ func (d *Driver) collectSnapshot(ctx context.Context, id, name string) (bool, er
 	d.event(Event{Type: EventWarning, Reason: ReasonOrphanCollected,
 		Message: fmt.Sprintf("snapshot %s (name %q of volume %s) was left being created at %s and nobody retried within %s: removed it and its partial image",
 			id, snap.Name, snap.SourceVolumeID, snap.Created.Format(time.RFC3339), d.cfg.OrphanGrace)})
+	return true, nil
+}
+
+func (d *Driver) collectGroup(ctx context.Context, id string, old func(time.Time) bool) (bool, error) {
+	g, err := d.backend.GetGroup(id)
+	if err != nil || g.State != stateCreating || !old(g.Created) {
+		return false, nil
+	}
+	unlock, err := d.ctrlLocks.tryLock("group-name/"+g.Name, "group/"+id)
+	if err != nil {
+		return false, nil
+	}
+	defer unlock()
+	if g, err = d.backend.GetGroup(id); err != nil || g.State != stateCreating {
+		return false, nil
+	}
+	for _, sid := range g.SnapshotIDs {
+		snap, err := d.backend.GetSnapshot(sid)
+		if errors.Is(err, ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return false, err
+		}
+		if err := d.backend.DeleteSnapshotImage(ctx, snap); err != nil {
+			return false, fmt.Errorf("remove the partial image of snapshot %s of group %s: %w", sid, id, err)
+		}
+		if err := d.backend.DeleteSnapshot(sid); err != nil {
+			return false, fmt.Errorf("remove the record of snapshot %s of group %s: %w", sid, id, err)
+		}
+	}
+	if err := d.backend.DeleteGroup(id); err != nil {
+		return false, fmt.Errorf("remove the record of group snapshot %s: %w", id, err)
+	}
+	d.event(Event{Type: EventWarning, Reason: ReasonOrphanCollected,
+		Message: fmt.Sprintf("group snapshot %s (name %q of volumes %v) was left being created at %s and nobody retried within %s: removed it, its %d snapshots and their partial images",
+			id, g.Name, g.SourceVolumeIDs, g.Created.Format(time.RFC3339), d.cfg.OrphanGrace, len(g.SnapshotIDs))})
 	return true, nil
 }

@@ -288,10 +288,37 @@ func TestOrphanCollection(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// And an old creating group snapshot of two members.
+	grp := &GroupSnapshotRecord{ID: newID(groupPrefix), Name: "grp", SourceVolumeIDs: []string{young.ID, "zqv-00000000000000000000"},
+		SnapshotIDs: []string{newID(snapshotPrefix), newID(snapshotPrefix)}, State: stateCreating, Created: time.Now().Add(-time.Hour).UTC()}
+	if err := td2.backend.PutGroup(grp); err != nil {
+		t.Fatal(err)
+	}
+	for i, sid := range grp.SnapshotIDs {
+		if err := td2.backend.PutSnapshot(&SnapshotRecord{ID: sid, Name: "grp/" + grp.SourceVolumeIDs[i], SourceVolumeID: grp.SourceVolumeIDs[i],
+			Node: "n1", GroupID: grp.ID, State: stateCreating, Created: grp.Created}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(td2.images.snapshotPath(grp.SnapshotIDs[0])+".tmp", []byte("partial"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+
 	time.Sleep(grace)
 	n, err := td2.CollectOrphans(ctx)
-	if err != nil || n != 2 {
-		t.Fatalf("collected %d (%v), want 2 (the crashed volume and the snapshot)", n, err)
+	if err != nil || n != 3 {
+		t.Fatalf("collected %d (%v), want 3 (the crashed volume, the snapshot, the group)", n, err)
+	}
+	if _, err := td2.backend.GetGroup(grp.ID); !errors.Is(err, ErrNotFound) {
+		t.Errorf("group record: %v, want gone", err)
+	}
+	for _, sid := range grp.SnapshotIDs {
+		if _, err := td2.backend.GetSnapshot(sid); !errors.Is(err, ErrNotFound) {
+			t.Errorf("group member %s: %v, want gone", sid, err)
+		}
+	}
+	if _, err := os.Stat(td2.images.snapshotPath(grp.SnapshotIDs[0]) + ".tmp"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("group member's partial image: %v, want removed", err)
 	}
 	if _, err := td2.backend.VolumeByName("crashed"); !errors.Is(err, ErrNotFound) {
 		t.Errorf("crashed record: %v, want gone", err)
@@ -310,7 +337,7 @@ func TestOrphanCollection(t *testing.T) {
 	if r, err := td2.backend.GetVolume(young.ID); err != nil || r.State != stateReady {
 		t.Errorf("retried record: %+v %v, want ready", r, err)
 	}
-	if len(ev.withReason(ReasonOrphanCollected)) != 2 {
+	if len(ev.withReason(ReasonOrphanCollected)) != 3 {
 		t.Errorf("OrphanCollected events: %+v", ev.withReason(ReasonOrphanCollected))
 	}
 	unlock()
