@@ -9,8 +9,15 @@ PKGS  := ./...
 help: ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-build: ## build bin/zq-csi
-	$(GO) build -o $(BIN) ./cmd/zq-csi
+# zq-csi version: the version and commit are stamped at build time (GOFLAGS
+# here may carry -buildvcs=false, so the binary cannot rely on the toolchain
+# recording them); override VERSION for a release build.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
+
+build: ## build bin/zq-csi (version and commit stamped: bin/zq-csi version)
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/zq-csi
 
 test: ## unit, fuzz-seed, interop (qemu-img, libnbd, fio) and csi-sanity tests, race detector on
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v -e /test/sanity -e /test/vm)

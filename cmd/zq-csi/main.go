@@ -16,6 +16,7 @@ import (
 	"runtime/debug"
 	"strings"
 
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/cli"
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/imgcmd"
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/kubectlcmd"
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/nbdcmd"
@@ -24,8 +25,17 @@ import (
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/volumecmd"
 )
 
-// version is set at build time with -ldflags "-X main.version=...".
-var version = "dev"
+// version and commit are set at build time (the Makefile's build line):
+//
+//	-ldflags "-X main.version=v1.2.3 -X main.commit=0123abc"
+//
+// Without them, versionString falls back to what the Go toolchain
+// recorded (debug.ReadBuildInfo: the module version of `go install
+// ...@v1.2.3`, the VCS revision of a build in a checkout).
+var (
+	version = ""
+	commit  = ""
+)
 
 func main() {
 	args := os.Args[1:]
@@ -56,8 +66,7 @@ Commands:
 
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
-		return 1
+		return cli.Bare(stderr, usage)
 	}
 	switch args[0] {
 	case "img":
@@ -66,32 +75,85 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return nbdcmd.Main(args[1:], nbdcmd.Env{Stdout: stdout, Stderr: stderr})
 	case "ublk": // zoned kernel attach debugging: zq-csi ublk attach|detach|list|recover
 		return ublkcmd.Main(args[1:], ublkcmd.Env{Stdout: stdout, Stderr: stderr})
-	case "version", "--version":
-		fmt.Fprintf(stdout, "zq-csi version %s%s\n", version, vcsRevision())
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, versionString(version, commit, readBuildInfo()))
 		return 0
 	case "volume":
 		return volumecmd.Main(args[1:], volumecmd.Env{Stdout: stdout, Stderr: stderr})
 	case "kubectl":
 		return kubectlcmd.Main(args[1:], kubectlcmd.Env{Stdout: stdout, Stderr: stderr})
 	case "serve":
-		return servecmd.Main(args[1:], servecmd.Env{Stdout: stdout, Stderr: stderr, Version: version})
+		return servecmd.Main(args[1:], servecmd.Env{Stdout: stdout, Stderr: stderr, Version: shortVersion(version, commit, readBuildInfo())})
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0
 	}
-	fmt.Fprintf(stderr, "zq-csi: unknown command %q\n%s", args[0], usage)
-	return 1
+	return cli.UnknownCommand(stderr, "zq-csi", args[0], []string{"img", "serve", "volume", "kubectl", "nbd", "ublk", "version", "help"})
 }
 
-func vcsRevision() string {
+// readBuildInfo is debug.ReadBuildInfo (nil when the binary has none).
+func readBuildInfo() *debug.BuildInfo {
 	bi, ok := debug.ReadBuildInfo()
 	if !ok {
-		return ""
+		return nil
 	}
-	for _, s := range bi.Settings {
-		if s.Key == "vcs.revision" && s.Value != "" {
-			return " (" + s.Value + ")"
+	return bi
+}
+
+// buildFacts is what is known of this build: the version (the -ldflags
+// one, else the module version when it is a release, else "devel"), the
+// commit (the -ldflags one, else the VCS revision, "-dirty" when the tree
+// had changes), the commit time and the Go version.
+func buildFacts(ver, rev string, bi *debug.BuildInfo) (v, c, when, goVer string) {
+	v, c = ver, rev
+	if bi != nil {
+		goVer = bi.GoVersion
+		if v == "" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			v = bi.Main.Version
 		}
+		settings := map[string]string{}
+		for _, s := range bi.Settings {
+			settings[s.Key] = s.Value
+		}
+		if c == "" && settings["vcs.revision"] != "" {
+			c = settings["vcs.revision"]
+			if settings["vcs.modified"] == "true" {
+				c += "-dirty"
+			}
+		}
+		when = settings["vcs.time"]
 	}
-	return ""
+	if v == "" {
+		v = "devel"
+	}
+	return v, c, when, goVer
+}
+
+// versionString is `zq-csi version`'s line, e.g.
+// "zq-csi v0.4.0-12-g0123abc (commit 0123abc..., 2026-12-07T20:00:00Z, go1.26.0)".
+func versionString(ver, rev string, bi *debug.BuildInfo) string {
+	v, c, when, goVer := buildFacts(ver, rev, bi)
+	var extra []string
+	if c != "" {
+		extra = append(extra, "commit "+c)
+	} else {
+		extra = append(extra, "commit unknown (build with make build, or go build in a git checkout)")
+	}
+	if when != "" {
+		extra = append(extra, when)
+	}
+	if goVer != "" {
+		extra = append(extra, goVer)
+	}
+	return "zq-csi " + v + " (" + strings.Join(extra, ", ") + ")"
+}
+
+// shortVersion is the version the CSI plugin reports (GetPluginInfo):
+// the version, with the short commit when the version does not carry it.
+func shortVersion(ver, rev string, bi *debug.BuildInfo) string {
+	v, c, _, _ := buildFacts(ver, rev, bi)
+	if c != "" && !strings.Contains(v, c[:min(7, len(c))]) {
+		v += "+" + c[:min(12, len(c))]
+	}
+	return v
 }

@@ -48,6 +48,14 @@ func NewLocalBackend(store Store, images *Images, node string) Backend {
 	return &localBackend{Store: store, node: node, images: images}
 }
 
+// Quarantined lists the record files the store moved aside.
+func (b *localBackend) Quarantined() []QuarantinedRecord {
+	if q, ok := b.Store.(quarantiner); ok {
+		return q.Quarantined()
+	}
+	return nil
+}
+
 func (b *localBackend) Nodes(context.Context) ([]string, error) { return []string{b.node}, nil }
 
 func (b *localBackend) Capacity(_ context.Context, node string) (uint64, error) {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -531,5 +532,44 @@ func TestNodeAgentFollowsServedZones(t *testing.T) {
 	waitFor("closed=2") // unstaged: the zones were closed with the device
 	if got := f.images.Served(); len(got) != 0 {
 		t.Fatalf("Served() after release = %v", got)
+	}
+}
+
+// Issue 14 on the cluster backend: a CreateVolume that stopped with its
+// ZonedVolume "creating" and was never retried is collected after the
+// grace period (the agent removes the image, then the resource goes).
+func TestClusterOrphanCollection(t *testing.T) {
+	f := newClusterFixture(t, false)
+	zn, _ := toUnstructured(&zonedNode{ObjectMeta: metav1.ObjectMeta{Name: "n1"},
+		Status: zonedNodeStatus{CapacityBytes: 1 << 30, Heartbeat: time.Now().UTC().Format(time.RFC3339)}}, "ZonedNode")
+	if _, err := f.c.Resource(gvrNode).Create(context.Background(), zn, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if _, err := f.ctrl.CreateVolume(ctx, createReq("pvc-gone", 2*mib, map[string]string{"zone.size": "1M"})); code(err) != codes.DeadlineExceeded {
+		t.Fatalf("CreateVolume without an agent: %v", err)
+	}
+	rec, err := f.ctrl.be().VolumeByName("pvc-gone")
+	if err != nil || rec.State != stateCreating {
+		t.Fatalf("record: %+v, %v", rec, err)
+	}
+	f.startAgent(t) // makes the image the spec asks for; nobody marks the record ready
+	waitFor(t, "the agent to make the image", func() bool { return f.images.Exists(rec.ID) })
+
+	d := f.ctrl.d
+	if n, err := d.CollectOrphans(context.Background()); err != nil || n != 0 {
+		t.Fatalf("within the grace: collected %d, %v", n, err)
+	}
+	d.cfg.OrphanGrace = time.Millisecond
+	time.Sleep(2 * time.Millisecond)
+	if n, err := d.CollectOrphans(context.Background()); err != nil || n != 1 {
+		t.Fatalf("after the grace: collected %d, %v; want 1", n, err)
+	}
+	if _, err := f.c.Resource(gvrVolume).Get(context.Background(), rec.ID, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("ZonedVolume %s: %v, want gone", rec.ID, err)
+	}
+	if f.images.Exists(rec.ID) {
+		t.Errorf("image of %s still on the node", rec.ID)
 	}
 }

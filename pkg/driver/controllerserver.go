@@ -3,9 +3,11 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -168,6 +170,9 @@ func (c *ContentSource) csi() *csi.VolumeContentSource {
 func (r *VolumeRecord) csiVolume() *csi.Volume {
 	vc := r.Geometry.volumeContext()
 	vc[volumeContextNodeKey] = r.Node
+	if c := clampedLimits(r.Params, r.Mutable, r.Geometry); c != "" {
+		vc[volumeContextClampedKey] = c
+	}
 	// The exporter was validated at creation; records from before the
 	// parameter existed have none, which is auto.
 	vc[volumeContextExporterKey] = ExporterAuto
@@ -232,12 +237,16 @@ func (s *controllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 	if err != nil {
 		return nil, err
 	}
+	cs, err := clusterSizeOf(params)
+	if err != nil {
+		return nil, err
+	}
 	cr := req.GetCapacityRange()
 	minZones := conv + 1
 	if minZones == 0 {
 		minZones = conv
 	}
-	size, err := capacityFor(cr.GetRequiredBytes(), cr.GetLimitBytes(), zs, minZones)
+	size, err := capacityFor(cr.GetRequiredBytes(), cr.GetLimitBytes(), zs, cs, minZones)
 	if err != nil {
 		return nil, err
 	}
@@ -306,6 +315,11 @@ func (s *controllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 	rec.Geometry, rec.State = geo, stateReady
 	if err := s.be().PutVolume(rec); err != nil {
 		return nil, err
+	}
+	if len(spec.clamped) > 0 {
+		s.d.event(Event{Type: EventNormal, Reason: ReasonZoneLimitsClamped, VolumeID: rec.ID,
+			Message: fmt.Sprintf("volume %q (%s, %d zones of %s) has lower zone limits than its parameters ask, as its zones allow: %s",
+				name, fmtSize(geo.Size), geo.NrZones, fmtSize(geo.ZoneSize), strings.Join(spec.clamped, ", "))})
 	}
 	klog.InfoS("Created volume", "name", name, "volumeID", rec.ID, "node", rec.Node, "size", geo.Size, "zones", geo.NrZones)
 	return &csi.CreateVolumeResponse{Volume: rec.csiVolume()}, nil
@@ -517,6 +531,10 @@ func (s *controllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacity
 	if err != nil {
 		return nil, err
 	}
+	cs, err := clusterSizeOf(params)
+	if err != nil {
+		return nil, err
+	}
 	nodes, err := s.be().Nodes(ctx)
 	if err != nil {
 		return nil, err
@@ -547,7 +565,8 @@ func (s *controllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacity
 	}
 	minSize := (uint64(conv) + 1) * zs
 	resp := &csi.GetCapacityResponse{AvailableCapacity: int64(best), MinimumVolumeSize: wrapperspb.Int64(int64(minSize))}
-	resp.MaximumVolumeSize = wrapperspb.Int64(int64(best))
+	largest, _ := maxVolumeSize(zs, cs)
+	resp.MaximumVolumeSize = wrapperspb.Int64(int64(min(best, largest)))
 	return resp, nil
 }
 
@@ -576,7 +595,7 @@ func (s *controllerServer) ControllerExpandVolume(ctx context.Context, req *csi.
 	if err != nil {
 		return nil, err
 	}
-	size, err := capacityFor(cr.GetRequiredBytes(), cr.GetLimitBytes(), rec.Geometry.ZoneSize, 1)
+	size, err := capacityFor(cr.GetRequiredBytes(), cr.GetLimitBytes(), rec.Geometry.ZoneSize, uint64(rec.Geometry.ClusterSize), 1)
 	if err != nil {
 		return nil, err
 	}
@@ -636,8 +655,11 @@ func (s *controllerServer) ControllerModifyVolume(ctx context.Context, req *csi.
 	} else if ok {
 		g.MaxOpen = n
 	}
-	if err := g.checkLimits(mp); err != nil {
-		return nil, err
+	// Limits above what the zones allow are lowered, as at creation; the
+	// volume context shows what is in force (zone.limits_clamped).
+	if clamped := g.clampLimits(); len(clamped) > 0 {
+		s.d.event(Event{Type: EventNormal, Reason: ReasonZoneLimitsClamped, VolumeID: id,
+			Message: fmt.Sprintf("volume %s (%d zones) gets lower zone limits than asked, as its zones allow: %s", id, g.NrZones, strings.Join(clamped, ", "))})
 	}
 	if g.MaxOpen != rec.Geometry.MaxOpen || g.MaxActive != rec.Geometry.MaxActive {
 		geo, err := s.be().SetLimits(ctx, rec, g.MaxOpen, g.MaxActive)

@@ -12,6 +12,7 @@ package driver
 //	GET /v1/volumes                          DebugVolumeList
 //	GET /v1/volumes/{id}                     DebugVolume
 //	GET /v1/volumes/{id}/zones?start=&count= DebugZoneReport (zone indexes)
+//	GET /v1/health                           DebugHealth
 //
 // Errors are a DebugError with the HTTP status of its kind: 404 not
 // staged, 409 staged but without a device (lost), 400 bad query, 503 still
@@ -45,6 +46,20 @@ type DebugVolumeList struct {
 	Driver    string        `json:"driver"`
 	Attachers []string      `json:"attachers"` // the node's attacher kinds, the ordinary one first
 	Volumes   []DebugVolume `json:"volumes"`
+	// Quarantined are the state record files the plugin could not load
+	// and moved aside (see QuarantinedRecord).
+	Quarantined []QuarantinedRecord `json:"quarantined,omitempty"`
+}
+
+// DebugHealth answers GET /v1/health: whether the plugin has recovered its
+// attachments, and what it had to set aside to start. Healthy is false
+// while any record is quarantined: the plugin runs, but an operator has a
+// file to look at. It answers while recovering too (Ready false).
+type DebugHealth struct {
+	Node        string              `json:"node"`
+	Ready       bool                `json:"ready"`
+	Healthy     bool                `json:"healthy"`
+	Quarantined []QuarantinedRecord `json:"quarantined"`
 }
 
 // DebugVolume is one staged volume as the node plugin sees it.
@@ -160,6 +175,7 @@ func (d *Driver) DebugHandler() http.Handler {
 	mux.HandleFunc("GET /v1/volumes", d.debugList)
 	mux.HandleFunc("GET /v1/volumes/{id}", d.debugDescribe)
 	mux.HandleFunc("GET /v1/volumes/{id}/zones", d.debugZones)
+	mux.HandleFunc("GET /v1/health", d.debugHealth)
 	return mux
 }
 
@@ -209,7 +225,7 @@ func (d *Driver) debugList(w http.ResponseWriter, r *http.Request) {
 		writeDebugError(w, err)
 		return
 	}
-	out := DebugVolumeList{Node: d.cfg.NodeID, Driver: d.cfg.DriverName, Volumes: []DebugVolume{}}
+	out := DebugVolumeList{Node: d.cfg.NodeID, Driver: d.cfg.DriverName, Volumes: []DebugVolume{}, Quarantined: d.Quarantined()}
 	for _, a := range d.attachers() {
 		out.Attachers = append(out.Attachers, a.Kind())
 	}
@@ -217,6 +233,14 @@ func (d *Driver) debugList(w http.ResponseWriter, r *http.Request) {
 		out.Volumes = append(out.Volumes, d.debugVolume(r.Context(), st, atts))
 	}
 	writeDebugJSON(w, out)
+}
+
+func (d *Driver) debugHealth(w http.ResponseWriter, r *http.Request) {
+	q := d.Quarantined()
+	if q == nil {
+		q = []QuarantinedRecord{}
+	}
+	writeDebugJSON(w, DebugHealth{Node: d.cfg.NodeID, Ready: d.ready.Load(), Healthy: len(q) == 0, Quarantined: q})
 }
 
 func (d *Driver) debugDescribe(w http.ResponseWriter, r *http.Request) {

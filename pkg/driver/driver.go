@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
@@ -64,6 +65,15 @@ type Config struct {
 	Mounter mount.Interface
 	// Backend overrides the controller's backend; nil uses the local one.
 	Backend Backend
+	// OnEvent, when set, hears of the events the driver logs (quarantined
+	// records, clamped zone limits, collected orphans): the hook for a
+	// Kubernetes event recorder.
+	OnEvent func(Event)
+	// OrphanGrace is how long a volume or snapshot may stay "creating"
+	// (an interrupted CreateVolume or CreateSnapshot) before the
+	// controller removes it and its partial image; 0 takes
+	// DefaultOrphanGrace, a negative value turns the collection off.
+	OrphanGrace time.Duration
 }
 
 // Driver is one zq-csi plugin process.
@@ -80,14 +90,19 @@ type Driver struct {
 
 var driverNamePattern = regexp.MustCompile(`^[a-zA-Z][A-Za-z0-9-._]{0,61}[a-zA-Z]$`)
 
-// New validates cfg and opens the state it names. Call Recover before
-// serving the node service.
-func New(cfg Config) (*Driver, error) {
+// Check validates cfg without touching anything (New checks it again):
+// a command can refuse a bad invocation before it creates a directory.
+func (cfg Config) Check() error {
+	_, err := cfg.withDefaults()
+	return err
+}
+
+func (cfg Config) withDefaults() (Config, error) {
 	if cfg.DriverName == "" {
 		cfg.DriverName = DefaultDriverName
 	}
 	if !driverNamePattern.MatchString(cfg.DriverName) {
-		return nil, fmt.Errorf("driver name %q: must be 2-63 characters, start and end with a letter, and hold only letters, digits, '-', '.' and '_'", cfg.DriverName)
+		return cfg, fmt.Errorf("driver name %q: must be 2-63 characters, start and end with a letter, and hold only letters, digits, '-', '.' and '_'", cfg.DriverName)
 	}
 	if cfg.Version == "" {
 		cfg.Version = "dev"
@@ -97,16 +112,31 @@ func New(cfg Config) (*Driver, error) {
 	case "":
 		cfg.Mode = ModeAll
 	default:
-		return nil, fmt.Errorf("mode %q: must be controller, node or all", cfg.Mode)
+		return cfg, fmt.Errorf("mode %q: must be controller, node or all", cfg.Mode)
 	}
 	if cfg.NodeID == "" {
-		return nil, errors.New("node id is required (the node name, used as the topology segment)")
+		return cfg, errors.New("node id is required (the node name, used as the topology segment)")
 	}
 	if cfg.DataDir == "" || cfg.StateDir == "" {
-		return nil, errors.New("data dir and state dir are required")
+		return cfg, errors.New("data dir and state dir are required")
+	}
+	if cfg.MaxVolumesPerNode < 0 {
+		return cfg, fmt.Errorf("max volumes per node %d: must be 0 (ask the attacher) or more", cfg.MaxVolumesPerNode)
+	}
+	if cfg.OrphanGrace == 0 {
+		cfg.OrphanGrace = DefaultOrphanGrace
+	}
+	return cfg, nil
+}
+
+// New validates cfg and opens the state it names. Call Recover before
+// serving the node service.
+func New(cfg Config) (*Driver, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
 	}
 	d := &Driver{cfg: cfg, ctrlLocks: newKeyLocks(), nodeLocks: newKeyLocks()}
-	var err error
 	if d.images, err = NewImages(cfg.DataDir); err != nil {
 		return nil, err
 	}
@@ -136,6 +166,7 @@ func New(cfg Config) (*Driver, error) {
 	} else {
 		d.ready.Store(true)
 	}
+	d.reportQuarantined(d.storeQuarantined())
 	return d, nil
 }
 
@@ -170,6 +201,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 			live[a.VolumeID] = att.Kind()
 		}
 	}
+	d.reportQuarantined(d.attacherQuarantined())
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
@@ -215,14 +247,14 @@ func (d *Driver) NewServer(mode Mode) *grpc.Server {
 	return s
 }
 
-// Listen opens a CSI endpoint: unix:///path (or a bare path), or
-// tcp://host:port. A stale unix socket file is removed first.
-func Listen(endpoint string) (net.Listener, error) {
-	network, addr := "unix", endpoint
+// ParseEndpoint splits a CSI endpoint, unix:///path (or a bare path) or
+// tcp://host:port, into a network and an address for net.Listen.
+func ParseEndpoint(endpoint string) (network, addr string, err error) {
+	network, addr = "unix", endpoint
 	if strings.Contains(endpoint, "://") {
 		u, err := url.Parse(endpoint)
 		if err != nil {
-			return nil, fmt.Errorf("endpoint %q: %w", endpoint, err)
+			return "", "", fmt.Errorf("endpoint %q: %w", endpoint, err)
 		}
 		network = u.Scheme
 		switch network {
@@ -234,12 +266,31 @@ func Listen(endpoint string) (net.Listener, error) {
 		case "tcp":
 			addr = u.Host
 		default:
-			return nil, fmt.Errorf("endpoint %q: scheme must be unix or tcp", endpoint)
+			return "", "", fmt.Errorf("endpoint %q: scheme must be unix or tcp", endpoint)
 		}
+	}
+	if addr == "" {
+		return "", "", fmt.Errorf("endpoint %q: no socket path or address", endpoint)
+	}
+	return network, addr, nil
+}
+
+// Listen opens a CSI endpoint (see ParseEndpoint). A stale unix socket
+// file is removed first; one that a process still answers on is not.
+func Listen(endpoint string) (net.Listener, error) {
+	network, addr, err := ParseEndpoint(endpoint)
+	if err != nil {
+		return nil, err
 	}
 	if network == "unix" {
 		if err := os.MkdirAll(filepath.Dir(addr), 0o750); err != nil {
 			return nil, err
+		}
+		// A socket someone still answers on is not stale: removing it would
+		// silently take the endpoint over from a running plugin.
+		if c, err := net.DialTimeout("unix", addr, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("endpoint %q: %s is in use: another process serves on it (a second zq-csi serve?)", endpoint, addr)
 		}
 		if err := os.Remove(addr); err != nil && !os.IsNotExist(err) {
 			return nil, fmt.Errorf("remove stale socket %s: %w", addr, err)
@@ -264,6 +315,10 @@ func (d *Driver) Run(ctx context.Context, endpoint string) error {
 		s.Stop()
 		return err
 	}
+	gcDone := make(chan struct{})
+	gcCtx, stopGC := context.WithCancel(ctx)
+	go func() { defer close(gcDone); d.runOrphanCollector(gcCtx) }()
+	defer func() { stopGC(); <-gcDone }()
 	select {
 	case <-ctx.Done():
 		s.GracefulStop()

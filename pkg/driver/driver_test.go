@@ -91,11 +91,10 @@ func TestInvalidParameters(t *testing.T) {
 		{"capacity unaligned", map[string]string{"zone.size": "1M", "zone.capacity": "1000"}, 8 * mib, "zone.capacity=1000"},
 		{"conventional not a number", map[string]string{"zone.size": "1M", "zone.conventional_zones": "two"}, 8 * mib, "zone.conventional_zones=two"},
 		{"all zones conventional", map[string]string{"zone.size": "1M", "zone.conventional_zones": "8"}, 8 * mib, "zone.conventional_zones=8"},
-		{"max open above sequential zones", map[string]string{"zone.size": "256M", "zone.max_open_zones": "9"}, 2 << 30,
-			"zone.max_open_zones=9: larger than the 8 sequential zones of a 2G volume with zone.size=256M; it would be clamped — set it to 8 or less"},
-		{"max open above sequential (dashed)", map[string]string{"zone.size": "1M", "zone.conventional-zones": "2", "zone.max-open-zones": "7"}, 8 * mib, "zone.max_open_zones=7"},
-		{"max active above zones", map[string]string{"zone.size": "1M", "zone.max_active_zones": "9"}, 8 * mib, "zone.max_active_zones=9"},
-		{"max open above max active", map[string]string{"zone.size": "1M", "zone.max_active_zones": "2", "zone.max_open_zones": "3"}, 8 * mib, "zone.max_open_zones=3"},
+		// Limits above what the zones allow are clamped, not refused
+		// (TestSmallVolumesClamp); what cannot be clamped is refused.
+		{"conventional zones fill a small volume", map[string]string{"zone.size": "64Mi", "zone.conventional_zones": "2"}, 100 * mib,
+			"zone.conventional_zones=2"},
 		{"max append unaligned", map[string]string{"zone.size": "1M", "zone.max_append_bytes": "1000"}, 8 * mib, "zone.max_append_bytes=1000"},
 		{"max append too large", map[string]string{"zone.size": "1M", "zone.max_append_bytes": "1M"}, 8 * mib, "zone.max_append_bytes=1M"},
 		{"cluster size", map[string]string{"clusterSize": "3K"}, 8 * mib, "clusterSize=3K"},

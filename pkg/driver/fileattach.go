@@ -34,6 +34,15 @@ type FileAttacher struct {
 
 	mu   sync.Mutex
 	atts map[string]*fileAttachment
+	// quarantined: records Recover could not load and moved aside.
+	quarantined []QuarantinedRecord
+}
+
+// Quarantined lists the records Recover moved aside.
+func (a *FileAttacher) Quarantined() []QuarantinedRecord {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.quarantined)
 }
 
 type fileAttachment struct {
@@ -154,7 +163,12 @@ func (a *FileAttacher) Recover(ctx context.Context, open func(nbdattach.Attachme
 	defer a.mu.Unlock()
 	var errs []error
 	var out []nbdattach.Attachment
+	a.quarantined = nil
 	for _, e := range ents {
+		if i := strings.Index(e.Name(), quarantineSuffix); i > 0 {
+			a.quarantined = append(a.quarantined, earlierQuarantine(a.dir, e.Name(), i))
+			continue
+		}
 		if !strings.HasSuffix(e.Name(), ".json") || strings.HasPrefix(e.Name(), ".tmp-") {
 			continue
 		}
@@ -165,8 +179,20 @@ func (a *FileAttacher) Recover(ctx context.Context, open func(nbdattach.Attachme
 			continue
 		}
 		var att nbdattach.Attachment
+		bad := ""
 		if err := json.Unmarshal(b, &att); err != nil {
-			errs = append(errs, fmt.Errorf("file attacher record %s: %w", rec, err))
+			bad = "not a valid record: " + err.Error()
+		} else if att.VolumeID == "" || att.VolumeID+".json" != e.Name() {
+			bad = fmt.Sprintf("holds volume id %q, not the one its name says", att.VolumeID)
+		}
+		if bad != "" {
+			// One bad record must not stop the node (see QuarantinedRecord).
+			q, err := quarantineFile(rec, bad)
+			if err != nil {
+				errs = append(errs, err)
+			} else {
+				a.quarantined = append(a.quarantined, q)
+			}
 			continue
 		}
 		if _, err := os.Stat(att.DevicePath); err != nil {

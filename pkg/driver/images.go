@@ -211,9 +211,12 @@ func (m *Images) Create(id string, spec *volumeSpec) error {
 	if err != nil {
 		return err
 	}
-	if len(warnings) > 0 { // buildSpec refuses what qcow2 clamps; this is a backstop
+	if len(warnings) > 0 { // buildSpec clamps what qcow2 would; this is a backstop
 		os.Remove(tmp)
 		return errorf(ErrInvalidArgument, "parameters would be clamped: %v", warnings)
+	}
+	if testHookTempImage != nil {
+		testHookTempImage(tmp)
 	}
 	return renameDurable(tmp, path)
 }
@@ -486,6 +489,11 @@ func fileIdentityOf(path string) (fileIdentity, error) {
 	return fileIdentity{dev: uint64(st.Dev), ino: uint64(st.Ino), size: st.Size,
 		mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}, nil
 }
+
+// testHookTempImage, when set, runs once Create has made a volume's
+// temporary image, before the rename: tests stop a CreateVolume there, the
+// point where a kill -9 leaves a "creating" record and a *.qcow2.tmp.
+var testHookTempImage func(tmp string)
 
 // checkImage is qcow2.Check; a variable so tests can count the checks.
 var checkImage = qcow2.Check

@@ -461,12 +461,19 @@ func (s *nodeServer) NodeGetStorageHealth(ctx context.Context, req *csi.NodeGetS
 			Status: csi.StorageHealthErrorType_STORAGE_UNREACHABLE, Reason: "DataDirUnreachable",
 			Message: fmt.Sprintf("statfs %s: %v", s.d.cfg.DataDir, err)}}}, nil
 	}
+	resp := &csi.NodeGetStorageHealthResponse{}
 	if st.Flags&unix.ST_RDONLY != 0 {
-		return &csi.NodeGetStorageHealthResponse{BackendHealth: []*csi.NodeGetStorageHealthResponse_StorageBackendHealth{{
+		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
 			Status: csi.StorageHealthErrorType_STORAGE_DEGRADED, Reason: "DataDirReadOnly",
-			Message: fmt.Sprintf("%s is on a read-only file system", s.d.cfg.DataDir)}}}, nil
+			Message: fmt.Sprintf("%s is on a read-only file system", s.d.cfg.DataDir)})
 	}
-	return &csi.NodeGetStorageHealthResponse{}, nil
+	if q := s.d.Quarantined(); len(q) > 0 {
+		resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
+			Status: csi.StorageHealthErrorType_STORAGE_DEGRADED, Reason: ReasonRecordQuarantined,
+			Message: fmt.Sprintf("%d state record file(s) could not be loaded and were moved aside, the first %s (%s); `zq-csi volume list` lists them",
+				len(q), q[0].Path, q[0].Reason)})
+	}
+	return resp, nil
 }
 
 // NodeExpandVolume gives the attached device the image's new size (the

@@ -1,10 +1,12 @@
 package driver
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
@@ -126,7 +128,32 @@ type recordDir[T keyed] struct {
 	mu     sync.RWMutex
 	byID   map[string]T
 	byName map[string]string
+	// quarantined are the record files of this directory that could not
+	// be loaded, moved aside (at this start or an earlier one).
+	quarantined []QuarantinedRecord
 }
+
+// QuarantinedRecord is a record file whose content could not be loaded
+// (empty, not JSON, or not the record its name says). It is renamed aside
+// (<name>.quarantined-<UTC time>) instead of stopping the process: one bad
+// file must not cost a node every other volume. Nothing is deleted; an
+// operator inspects it, and renames it back once repaired.
+type QuarantinedRecord struct {
+	// Path is where the file is now; Original where it was.
+	Path     string    `json:"path"`
+	Original string    `json:"original"`
+	Reason   string    `json:"reason"`
+	Time     time.Time `json:"time"`
+	// Earlier: moved aside by an earlier start of the plugin (Reason is
+	// then what that start logged, which this one does not know).
+	Earlier bool `json:"earlier,omitempty"`
+}
+
+// quarantineSuffix marks a record file moved aside.
+const quarantineSuffix = ".quarantined-"
+
+// maxRecordBytes bounds a record file: ours are a few hundred bytes.
+const maxRecordBytes = 1 << 20
 
 func openRecordDir[T keyed](dir string) (*recordDir[T], error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
@@ -140,28 +167,101 @@ func openRecordDir[T keyed](dir string) (*recordDir[T], error) {
 	for _, e := range ents {
 		name := e.Name()
 		if strings.HasPrefix(name, ".tmp-") {
-			os.Remove(filepath.Join(dir, name)) // an interrupted write
+			// An interrupted atomic write (temp file, fsync, rename): the
+			// record it was replacing, if any, is intact under its own
+			// name. The caller holds the state directory's lock, so no
+			// writer of this directory is running.
+			os.Remove(filepath.Join(dir, name))
+			continue
+		}
+		if i := strings.Index(name, quarantineSuffix); i > 0 {
+			d.quarantined = append(d.quarantined, earlierQuarantine(dir, name, i))
 			continue
 		}
 		if !strings.HasSuffix(name, ".json") {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(dir, name))
+		path := filepath.Join(dir, name)
+		r, bad, err := loadRecord[T](path, name)
 		if err != nil {
 			return nil, err
 		}
-		var r T
-		if err := json.Unmarshal(b, &r); err != nil {
-			return nil, fmt.Errorf("state record %s: %w", filepath.Join(dir, name), err)
+		if bad != "" {
+			q, err := quarantineFile(path, bad)
+			if err != nil {
+				return nil, err
+			}
+			d.quarantined = append(d.quarantined, q)
+			continue
 		}
 		id, n := r.key()
-		if id+".json" != name {
-			return nil, fmt.Errorf("state record %s holds id %q", filepath.Join(dir, name), id)
-		}
 		d.byID[id] = r
 		d.byName[n] = id
 	}
 	return d, nil
+}
+
+// loadRecord reads the record file path (named name). A file whose content
+// is not a record returns why in bad; err is for failures to read it at
+// all (permissions, I/O), which quarantining would only hide: those stop
+// the start as before.
+func loadRecord[T keyed](path, name string) (r T, bad string, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return r, "", fmt.Errorf("state record %s: %w", path, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return r, "", fmt.Errorf("state record %s: %w", path, err)
+	}
+	if !st.Mode().IsRegular() {
+		return r, "not a regular file", nil
+	}
+	if st.Size() > maxRecordBytes {
+		return r, fmt.Sprintf("%d bytes, more than a record can be (%d)", st.Size(), maxRecordBytes), nil
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return r, "", fmt.Errorf("state record %s: %w", path, err)
+	}
+	b = bytes.TrimSpace(b)
+	switch {
+	case len(b) == 0:
+		return r, "empty file", nil
+	case b[0] != '{':
+		return r, "not a JSON object", nil
+	}
+	if err := json.Unmarshal(b, &r); err != nil {
+		return r, "not a valid record: " + err.Error(), nil
+	}
+	if id, _ := r.key(); id == "" || id+".json" != name {
+		return r, fmt.Sprintf("holds id %q, not the one its name says", id), nil
+	}
+	return r, "", nil
+}
+
+// quarantineFile renames a bad record file aside, durably.
+func quarantineFile(path, reason string) (QuarantinedRecord, error) {
+	now := time.Now().UTC()
+	dst := path + quarantineSuffix + now.Format("20060102T150405.000000000Z")
+	if err := os.Rename(path, dst); err != nil {
+		return QuarantinedRecord{}, fmt.Errorf("state record %s is bad (%s) and could not be moved aside: %w", path, reason, err)
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return QuarantinedRecord{}, err
+	}
+	return QuarantinedRecord{Path: dst, Original: path, Reason: reason, Time: now}, nil
+}
+
+// earlierQuarantine describes a file an earlier start moved aside.
+func earlierQuarantine(dir, name string, i int) QuarantinedRecord {
+	q := QuarantinedRecord{Path: filepath.Join(dir, name), Original: filepath.Join(dir, name[:i]),
+		Reason: "moved aside by an earlier start (its log says why)", Earlier: true}
+	if t, err := time.Parse("20060102T150405.000000000Z", name[i+len(quarantineSuffix):]); err == nil {
+		q.Time = t
+	}
+	return q
 }
 
 func (d *recordDir[T]) get(id string) (T, error) {
@@ -277,6 +377,11 @@ func NewFileStore(dir string) (Store, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// Quarantined lists the record files that could not be loaded.
+func (s *fileStore) Quarantined() []QuarantinedRecord {
+	return slices.Concat(s.vols.quarantined, s.snaps.quarantined, s.groups.quarantined)
 }
 
 func (s *fileStore) GetVolume(id string) (*VolumeRecord, error)       { return s.vols.get(id) }

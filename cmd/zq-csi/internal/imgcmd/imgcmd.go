@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/cli"
 	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
@@ -64,8 +65,7 @@ func mainUsage() string {
 // Main runs "zq-csi img ARGS..." and returns the exit status.
 func Main(args []string, e Env) int {
 	if len(args) == 0 {
-		fmt.Fprint(e.Stderr, mainUsage())
-		return 1
+		return cli.Bare(e.Stderr, mainUsage()) // exit 2, as every zq-csi command group run bare
 	}
 	switch args[0] {
 	case "-h", "--help", "help":

@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/cli"
 	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 )
 
@@ -55,8 +56,7 @@ const DefaultStateDir = "/var/lib/zq-csi/nbd"
 // Main runs "zq-csi nbd ARGS..." and returns the exit status.
 func Main(args []string, e Env) int {
 	if len(args) == 0 {
-		fmt.Fprint(e.Stderr, usage)
-		return 1
+		return cli.Bare(e.Stderr, usage)
 	}
 	var run func(Env, []string) error
 	switch args[0] {
@@ -72,12 +72,11 @@ func Main(args []string, e Env) int {
 		fmt.Fprint(e.Stdout, usage)
 		return 0
 	default:
-		fmt.Fprintf(e.Stderr, "zq-csi nbd: unknown command %q\n%s", args[0], usage)
-		return 1
+		return cli.UnknownCommand(e.Stderr, "zq-csi nbd", args[0], []string{"attach", "detach", "list", "recover"})
 	}
 	if err := run(e, args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
+		if code, ok := cli.Report(e.Stdout, e.Stderr, err); ok {
+			return code
 		}
 		var ue usageError
 		if errors.As(err, &ue) {
@@ -103,7 +102,6 @@ type common struct {
 
 func newFlags(e Env, name string, c *common) *flag.FlagSet {
 	fs := flag.NewFlagSet("zq-csi nbd "+name, flag.ContinueOnError)
-	fs.SetOutput(e.Stderr)
 	fs.StringVar(&c.stateDir, "state-dir", DefaultStateDir, "directory of attachment records")
 	fs.DurationVar(&c.deadConnTimeout, "dead-conn-timeout", 120*time.Second, "how long the kernel parks I/O while no process serves the device")
 	fs.DurationVar(&c.requeue, "requeue-interval", 2*time.Second, "the device's request timer (resends requests lost with a dead server)")
@@ -136,7 +134,7 @@ func runAttach(e Env, args []string) error {
 	vol := fs.String("volume-id", "", "volume id, also the kernel's backend identifier (default: the image file name)")
 	bs := fs.Uint("block-size", 512, "logical block size of the device")
 	ro := fs.Bool("read-only", false, "attach read-only")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() != 1 {
@@ -176,7 +174,7 @@ func runRecover(e Env, args []string) error {
 	var c common
 	fs := newFlags(e, "recover", &c)
 	once := fs.Bool("once", false, "recover, then stop gracefully at once (leaving the devices parked) instead of serving")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() != 0 {
@@ -256,7 +254,7 @@ func runDetach(e Env, args []string) error {
 	var c common
 	fs := newFlags(e, "detach", &c)
 	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the disconnect")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() != 1 {
@@ -275,7 +273,7 @@ func runDetach(e Env, args []string) error {
 func runList(e Env, args []string) error {
 	var c common
 	fs := newFlags(e, "list", &c)
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	st, err := nbdattach.NewStateStore(c.stateDir)

@@ -23,13 +23,16 @@ func TestUsage(t *testing.T) {
 		rc   int
 		want string // in stdout+stderr
 	}{
-		{nil, 1, "Usage: zq-csi nbd"},
+		// Usage errors exit 2, as the subcommands' own argument checks do.
+		{nil, 2, "Usage: zq-csi nbd"},
 		{[]string{"--help"}, 0, "recover"},
-		{[]string{"bogus"}, 1, `unknown command "bogus"`},
+		{[]string{"bogus"}, 2, `unknown command "bogus"`},
 		{[]string{"attach"}, 2, "expects one IMAGE"},
 		{[]string{"detach", "a", "b"}, 2, "expects one VOLUME"},
 		{[]string{"recover", "x"}, 2, "takes no arguments"},
-		{[]string{"list", "--nope"}, 1, "flag provided but not defined"},
+		{[]string{"list", "--nope"}, 2, "zq-csi nbd list: unknown flag --nope\nRun 'zq-csi nbd list --help' for usage.\n"},
+		{[]string{"list", "--state-dri", "x"}, 2, "unknown flag --state-dri (did you mean --state-dir?)"},
+		{[]string{"list", "--dead-conn-timeout", "soon"}, 2, "--dead-conn-timeout=soon: must be a duration such as 90s, 5m or 1h30m"},
 	}
 	for _, tt := range tests {
 		rc, out, errs := run(tt.args...)

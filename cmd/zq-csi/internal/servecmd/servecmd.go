@@ -11,13 +11,19 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
+	"k8s.io/klog/v2/textlogger"
+
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/cli"
 
 	"github.com/zq-csi/zq-csi/pkg/driver"
 	"github.com/zq-csi/zq-csi/pkg/driver/registration"
@@ -29,6 +35,8 @@ type Env struct {
 	Stdout, Stderr io.Writer
 	Getenv         func(string) string // nil: os.Getenv
 	Version        string
+	// Context, when set, ends the server as SIGINT/SIGTERM do (tests).
+	Context context.Context
 }
 
 type options struct {
@@ -38,9 +46,25 @@ type options struct {
 	kubeQPS                                                         float64
 	ublkQueues                                                      int
 	kubeBurst                                                       int
-	verbosity                                                       string
+	verbosity                                                       verbosity
+	logToStderr                                                     bool
 	exporter                                                        string
 	kubeletRegDir, kubeletRegPath                                   string
+	orphanGrace                                                     time.Duration
+}
+
+// verbosity is --v: klog's level, checked where it is given so that a bad
+// value is refused with the flag's rule, not a strconv error.
+type verbosity int
+
+func (v *verbosity) String() string { return strconv.Itoa(int(*v)) }
+func (v *verbosity) Set(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 || n > 10 {
+		return fmt.Errorf("must be a whole number from 0 to 10 (2: every CSI call)")
+	}
+	*v = verbosity(n)
+	return nil
 }
 
 // envNames lists, per flag, the environment variables read when the flag
@@ -62,6 +86,7 @@ var envNames = map[string][]string{
 	"v":              {"ZQ_CSI_V"},
 	"exporter":       {"ZQ_CSI_EXPORTER"},
 	"ublk-queues":    {"ZQ_CSI_UBLK_QUEUES"},
+	"orphan-grace":   {"ZQ_CSI_ORPHAN_GRACE"},
 
 	"kubelet-registration-dir":  {"ZQ_CSI_KUBELET_REGISTRATION_DIR"},
 	"kubelet-registration-path": {"ZQ_CSI_KUBELET_PLUGIN_SOCKET"},
@@ -70,19 +95,18 @@ var envNames = map[string][]string{
 const usage = `Usage: zq-csi serve [flags]
 
 Runs the zq-csi CSI driver. Every flag can also be given by the environment
-variable shown in brackets; a flag on the command line wins.
+variable shown in brackets; a flag on the command line wins. One process
+per --state-dir: a second one on the same state directory (or on an
+endpoint a process answers on) refuses to start.
 
 Flags:
 `
 
-// Main runs `zq-csi serve` until SIGINT/SIGTERM and returns the exit code.
-func Main(args []string, env Env) int {
-	if env.Getenv == nil {
-		env.Getenv = os.Getenv
-	}
+func newFlags(o *options) *flag.FlagSet {
 	fs := flag.NewFlagSet("zq-csi serve", flag.ContinueOnError)
-	fs.SetOutput(env.Stderr)
-	var o options
+	// The flag package would print the whole usage after every error; a
+	// usage error is one line here (cli.FlagError), help is --help.
+	fs.SetOutput(io.Discard)
 	fs.StringVar(&o.endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint: unix:///path or tcp://host:port")
 	fs.StringVar(&o.mode, "mode", "all", "services to run: controller, node or all (controller and node in one process, local backend)")
 	fs.StringVar(&o.nodeID, "node-id", "", "this node's name (the topology.zq-csi/node segment); required")
@@ -95,48 +119,197 @@ func Main(args []string, env Env) int {
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for --backend cluster (default: the in-cluster service account)")
 	fs.Float64Var(&o.kubeQPS, "kube-api-qps", 50, "requests per second to the API server (--backend cluster; a CreateVolume makes about 7)")
 	fs.IntVar(&o.kubeBurst, "kube-api-burst", 100, "burst of requests to the API server (--backend cluster)")
-	fs.StringVar(&o.verbosity, "v", "0", "log verbosity (2: every CSI call, secrets stripped)")
+	fs.Var(&o.verbosity, "v", "log verbosity, 0 to 10 (2: every CSI call, secrets stripped)")
+	o.logToStderr = true
+	fs.BoolVar(&o.logToStderr, "logtostderr", true, "accepted as the other Kubernetes components accept it: zq-csi always logs to stderr (false is refused)")
 	fs.StringVar(&o.exporter, "exporter", "auto", "the exporters this node offers: auto (ublk as well as --attacher when /dev/ublk-control exists, or modprobe ublk_drv loads it, and the kernel has zoned ublk), nbd (--attacher only), or ublk (as auto, but fail at start without zoned ublk); volumes pick with their exporter parameter")
-	fs.IntVar(&o.ublkQueues, "ublk-queues", 1, "hardware queues of each ublk device, a thread each (0: one per CPU, at most 4). Default 1: two queues measured slower than one in the VM lane (2 vCPUs: 0.80x zoned write, 0.87x random read); try more on nodes with many real CPUs")
+	fs.IntVar(&o.ublkQueues, "ublk-queues", 1, "hardware queues of each ublk device, a thread each (0: one per CPU, at most 4); two queues measured slower than one in the VM lane (2 vCPUs: 0.80x zoned write, 0.87x random read), try more on nodes with many real CPUs")
+	fs.DurationVar(&o.orphanGrace, "orphan-grace", driver.DefaultOrphanGrace, "how long a volume or snapshot may stay half-created (an interrupted CreateVolume that nobody retries) before the controller removes it and its partial image; 0 or less: never")
 	fs.StringVar(&o.kubeletRegDir, "kubelet-registration-dir", "", "the kubelet's plugins_registry directory: when set, the node plugin registers itself with the kubelet there (no csi-node-driver-registrar sidecar)")
 	fs.StringVar(&o.kubeletRegPath, "kubelet-registration-path", "", "the CSI socket's path as the kubelet dials it, on the host (default: the --endpoint path)")
-	fs.Usage = func() {
-		fmt.Fprint(env.Stderr, usage)
-		fs.VisitAll(func(f *flag.Flag) {
-			fmt.Fprintf(env.Stderr, "  --%s [%s]\n\t%s (default %q)\n", f.Name, strings.Join(envNames[f.Name], ", "), f.Usage, f.DefValue)
-		})
-	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
+	return fs
+}
+
+// writeHelp prints the usage with every flag once: its environment
+// variables, what it does and its default (unless the text already says).
+func writeHelp(w io.Writer, fs *flag.FlagSet) {
+	fmt.Fprint(w, usage)
+	fs.VisitAll(func(f *flag.Flag) {
+		line := "  --" + f.Name
+		if env := envNames[f.Name]; len(env) > 0 {
+			line += " [" + strings.Join(env, ", ") + "]"
 		}
-		return 2
+		text := f.Usage
+		if f.DefValue != "" && !strings.Contains(text, "(default") {
+			text += " (default " + f.DefValue + ")"
+		}
+		fmt.Fprintf(w, "%s\n\t%s\n", line, text)
+	})
+}
+
+// Main runs `zq-csi serve` until SIGINT/SIGTERM and returns the exit code:
+// 0 after a clean stop, 1 when serving fails, 2 for a bad invocation (which
+// touches nothing on disk).
+func Main(args []string, env Env) int {
+	if env.Getenv == nil {
+		env.Getenv = os.Getenv
+	}
+	var o options
+	fs := newFlags(&o)
+	if err := fs.Parse(args); err != nil {
+		if cli.IsHelp(err) {
+			writeHelp(env.Stdout, fs)
+			return cli.ExitOK
+		}
+		return cli.FlagError(env.Stderr, "zq-csi serve", fs, err, "zq-csi serve")
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(env.Stderr, "zq-csi serve: unexpected argument %q\n", fs.Arg(0))
-		return 2
+		fmt.Fprintf(env.Stderr, "zq-csi serve: unexpected argument %q (serve takes flags only)\nRun 'zq-csi serve --help' for usage.\n", fs.Arg(0))
+		return cli.ExitUsage
 	}
 	if err := fromEnv(fs, env.Getenv); err != nil {
 		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\n", err)
-		return 2
+		return cli.ExitUsage
 	}
-	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
-	klog.InitFlags(klogFlags)
-	if err := klogFlags.Set("v", o.verbosity); err != nil {
-		fmt.Fprintf(env.Stderr, "zq-csi serve: --v=%s: %v\n", o.verbosity, err)
-		return 2
+	if o.stateDir == "" {
+		o.stateDir = filepath.Join(o.dataDir, "state")
 	}
-	klog.SetOutput(env.Stderr)
-	klog.LogToStderr(false)
-	defer klog.Flush()
+	if err := o.check(); err != nil {
+		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\nRun 'zq-csi serve --help' for usage.\n", err)
+		return cli.ExitUsage
+	}
+	// First thing on disk: the state directory's lock. Everything after
+	// (attacher records, recovery, sockets) belongs to its holder.
+	lock, err := driver.LockStateDir(o.stateDir)
+	if err != nil {
+		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\n", err)
+		return cli.ExitError
+	}
+	defer lock.Unlock()
+	flush := setupLogging(env.Stderr, int(o.verbosity))
+	defer flush()
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx := env.Context
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, o, env.Version); err != nil {
 		fmt.Fprintf(env.Stderr, "zq-csi serve: %v\n", err)
-		return 1
+		return cli.ExitError
 	}
-	return 0
+	return cli.ExitOK
+}
+
+// setupLogging sends klog's output, once per entry, to w. klog's own file
+// output with SetOutput writes each entry to the writer of its severity
+// and of every lower one, and errors to os.Stderr besides: an error
+// appeared four times. A text logger writing klog's formatted lines is one
+// output. It is installed once per process (klog is global); later calls
+// (tests running serve more than once) only change the writer and the
+// verbosity, which klog itself applies.
+func setupLogging(w io.Writer, v int) (flush func()) {
+	logOnce.Do(func() {
+		klog.InitFlags(klogFlags)
+		// klog's -v filters; the text logger passes what klog lets through.
+		cfg := textlogger.NewConfig(textlogger.Verbosity(10), textlogger.Output(logOut))
+		klog.SetLoggerWithOptions(textlogger.NewLogger(cfg))
+	})
+	logOut.set(w)
+	klogFlags.Set("v", strconv.Itoa(v))
+	return klog.Flush
+}
+
+var (
+	logOnce   sync.Once
+	klogFlags = flag.NewFlagSet("klog", flag.ContinueOnError)
+	logOut    = &swapWriter{}
+)
+
+// swapWriter is the log's destination, replaceable while logging.
+type swapWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *swapWriter) set(w io.Writer) {
+	s.mu.Lock()
+	s.w = w
+	s.mu.Unlock()
+}
+
+func (s *swapWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.w == nil {
+		return len(p), nil
+	}
+	return s.w.Write(p)
+}
+
+// check validates the flags before anything is created: a bad invocation
+// leaves nothing behind.
+func (o options) check() error {
+	if !o.logToStderr {
+		return errors.New("--logtostderr=false: zq-csi logs to stderr only (collect it there, as the kubelet does)")
+	}
+	if _, _, err := driver.ParseEndpoint(o.endpoint); err != nil {
+		return fmt.Errorf("--endpoint=%s: %w", o.endpoint, err)
+	}
+	switch o.mode {
+	case "controller", "node", "all":
+	default:
+		return fmt.Errorf("--mode=%s: must be controller, node or all", o.mode)
+	}
+	switch o.backend {
+	case "local", "cluster":
+	default:
+		return fmt.Errorf("--backend=%s: must be local or cluster", o.backend)
+	}
+	switch o.attacher {
+	case "nbd", "fuse-loop", "auto", "file":
+	default:
+		return fmt.Errorf("--attacher=%s: must be nbd, fuse-loop, auto or file", o.attacher)
+	}
+	switch o.exporter {
+	case "auto", "nbd", "ublk":
+	default:
+		return fmt.Errorf("--exporter=%s: must be auto, nbd or ublk", o.exporter)
+	}
+	if o.nodeID == "" {
+		return errors.New("--node-id is required (the node's name, the topology.zq-csi/node segment; or NODE_NAME)")
+	}
+	if o.maxVolumes < 0 {
+		return fmt.Errorf("--max-volumes=%d: must be 0 (the attacher's device count) or more", o.maxVolumes)
+	}
+	if o.ublkQueues < 0 || o.ublkQueues > 4096 {
+		return fmt.Errorf("--ublk-queues=%d: must be 0 (one per CPU, at most 4) to 4096", o.ublkQueues)
+	}
+	if o.backend == "cluster" && (o.kubeQPS <= 0 || o.kubeBurst <= 0) {
+		return fmt.Errorf("--kube-api-qps=%v --kube-api-burst=%d: both must be positive", o.kubeQPS, o.kubeBurst)
+	}
+	if o.kubeletRegDir != "" && o.mode == "controller" {
+		return errors.New("--kubelet-registration-dir: only the node plugin (--mode node or all) registers with the kubelet")
+	}
+	return o.config().Check()
+}
+
+// config is the driver configuration of the flags (without attachers).
+func (o options) config() driver.Config {
+	grace := o.orphanGrace
+	if grace <= 0 {
+		grace = -1 // off
+	}
+	return driver.Config{
+		DriverName:        o.driverName,
+		NodeID:            o.nodeID,
+		Mode:              driver.Mode(o.mode),
+		DataDir:           o.dataDir,
+		StateDir:          o.stateDir,
+		MaxVolumesPerNode: o.maxVolumes,
+		OrphanGrace:       grace,
+	}
 }
 
 // fromEnv fills every flag not set on the command line from its variables.
@@ -161,21 +334,8 @@ func fromEnv(fs *flag.FlagSet, getenv func(string) string) error {
 }
 
 func run(ctx context.Context, o options, version string) (err error) {
-	if o.ublkQueues < 0 || o.ublkQueues > 4096 {
-		return fmt.Errorf("--ublk-queues=%d: must be 0 (one per CPU, at most 4) to 4096", o.ublkQueues)
-	}
-	if o.stateDir == "" {
-		o.stateDir = filepath.Join(o.dataDir, "state")
-	}
-	cfg := driver.Config{
-		DriverName:        o.driverName,
-		Version:           version,
-		NodeID:            o.nodeID,
-		Mode:              driver.Mode(o.mode),
-		DataDir:           o.dataDir,
-		StateDir:          o.stateDir,
-		MaxVolumesPerNode: o.maxVolumes,
-	}
+	cfg := o.config()
+	cfg.Version = version
 	var kube dynamic.Interface
 	switch o.backend {
 	case "local":

@@ -14,13 +14,13 @@ func TestFlagsFromEnvironment(t *testing.T) {
 	// come from the environment, so the bad ZQ_CSI_MODE is what fails.
 	code := Main([]string{"--data-dir", t.TempDir(), "--attacher", "file"},
 		Env{Stdout: &stderr, Stderr: &stderr, Getenv: func(k string) string { return env[k] }})
-	if code != 1 || !strings.Contains(stderr.String(), `mode "bogus"`) {
+	if code != 2 || !strings.Contains(stderr.String(), `--mode=bogus: must be controller, node or all`) {
 		t.Fatalf("exit %d, stderr %q", code, stderr.String())
 	}
 	stderr.Reset()
 	code = Main([]string{"--mode", "all", "--attacher", "ufo", "--data-dir", t.TempDir()},
 		Env{Stdout: &stderr, Stderr: &stderr, Getenv: func(k string) string { return env[k] }})
-	if code != 1 || !strings.Contains(stderr.String(), "--attacher=ufo") {
+	if code != 2 || !strings.Contains(stderr.String(), "--attacher=ufo: must be nbd, fuse-loop, auto or file") {
 		t.Fatalf("exit %d, stderr %q", code, stderr.String())
 	}
 }
@@ -28,20 +28,21 @@ func TestFlagsFromEnvironment(t *testing.T) {
 func TestBackendFlag(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
+		code int // 2: a bad invocation, refused before anything is made; 1: it fails when run
 		want string
 	}{
-		{[]string{"--backend", "ufo"}, "--backend=ufo: must be local or cluster"},
+		{[]string{"--backend", "ufo"}, 2, "--backend=ufo: must be local or cluster"},
 		// No kubeconfig and not in a pod: the error says where the config comes from.
-		{[]string{"--backend", "cluster", "--mode", "controller"}, "--backend=cluster: API server config (--kubeconfig or in-cluster)"},
-		{[]string{"--backend", "cluster", "--mode", "controller", "--kubeconfig", "/nonexistent/kubeconfig"}, "/nonexistent/kubeconfig"},
-		{[]string{"--backend", "cluster", "--mode", "controller", "--kube-api-qps", "0"}, "--kube-api-qps=0 --kube-api-burst=100: both must be positive"},
-		{[]string{"--backend", "cluster", "--mode", "controller", "--kube-api-burst", "-1"}, "--kube-api-qps=50 --kube-api-burst=-1: both must be positive"},
+		{[]string{"--backend", "cluster", "--mode", "controller"}, 1, "--backend=cluster: API server config (--kubeconfig or in-cluster)"},
+		{[]string{"--backend", "cluster", "--mode", "controller", "--kubeconfig", "/nonexistent/kubeconfig"}, 1, "/nonexistent/kubeconfig"},
+		{[]string{"--backend", "cluster", "--mode", "controller", "--kube-api-qps", "0"}, 2, "--kube-api-qps=0 --kube-api-burst=100: both must be positive"},
+		{[]string{"--backend", "cluster", "--mode", "controller", "--kube-api-burst", "-1"}, 2, "--kube-api-qps=50 --kube-api-burst=-1: both must be positive"},
 	} {
 		var stderr bytes.Buffer
 		args := append([]string{"--data-dir", t.TempDir(), "--node-id", "n1", "--attacher", "file"}, tc.args...)
 		code := Main(args, Env{Stdout: &stderr, Stderr: &stderr, Getenv: func(string) string { return "" }})
-		if code != 1 || !strings.Contains(stderr.String(), tc.want) {
-			t.Errorf("%v: exit %d, stderr %q; want exit 1 and %q", tc.args, code, stderr.String(), tc.want)
+		if code != tc.code || !strings.Contains(stderr.String(), tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", tc.args, code, stderr.String(), tc.code, tc.want)
 		}
 	}
 }
@@ -51,15 +52,16 @@ func TestExporterFlag(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
 		env  map[string]string
+		code int
 		want string
 		skip bool
 	}{
-		{args: []string{"--exporter", "zoned"}, want: "--exporter=zoned: must be auto, nbd or ublk"},
-		{args: []string{"--ublk-queues", "-2"}, want: "--ublk-queues=-2: must be 0 (one per CPU, at most 4) to 4096"},
-		{env: map[string]string{"ZQ_CSI_EXPORTER": "UBLK"}, want: "--exporter=UBLK: must be auto, nbd or ublk"},
+		{args: []string{"--exporter", "zoned"}, code: 2, want: "--exporter=zoned: must be auto, nbd or ublk"},
+		{args: []string{"--ublk-queues", "-2"}, code: 2, want: "--ublk-queues=-2: must be 0 (one per CPU, at most 4) to 4096"},
+		{env: map[string]string{"ZQ_CSI_EXPORTER": "UBLK"}, code: 2, want: "--exporter=UBLK: must be auto, nbd or ublk"},
 		// Required but missing: the node plugin does not start, and says
 		// what the node lacks.
-		{args: []string{"--exporter", "ublk"}, want: "--exporter=ublk: /dev/ublk-control is missing and modprobe ublk_drv failed", skip: statErr == nil},
+		{args: []string{"--exporter", "ublk"}, code: 1, want: "--exporter=ublk: /dev/ublk-control is missing and modprobe ublk_drv failed", skip: statErr == nil},
 	} {
 		if tc.skip {
 			t.Logf("SKIPPED %v: this host has /dev/ublk-control", tc.args)
@@ -68,8 +70,8 @@ func TestExporterFlag(t *testing.T) {
 		var stderr bytes.Buffer
 		args := append([]string{"--data-dir", t.TempDir(), "--node-id", "n1", "--attacher", "file", "--endpoint", "unix://" + t.TempDir() + "/csi.sock"}, tc.args...)
 		code := Main(args, Env{Stdout: &stderr, Stderr: &stderr, Getenv: func(k string) string { return tc.env[k] }})
-		if code != 1 || !strings.Contains(stderr.String(), tc.want) {
-			t.Errorf("%v %v: exit %d, stderr %q; want exit 1 and %q", tc.args, tc.env, code, stderr.String(), tc.want)
+		if code != tc.code || !strings.Contains(stderr.String(), tc.want) {
+			t.Errorf("%v %v: exit %d, stderr %q; want exit %d and %q", tc.args, tc.env, code, stderr.String(), tc.code, tc.want)
 		}
 	}
 }

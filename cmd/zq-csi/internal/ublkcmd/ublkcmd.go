@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/cli"
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/nbdcmd"
 	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 	"github.com/zq-csi/zq-csi/pkg/nbdattach/ublk"
@@ -59,8 +60,7 @@ const DefaultStateDir = "/var/lib/zq-csi/ublk"
 // a failure, 2 for bad arguments.
 func Main(args []string, e Env) int {
 	if len(args) == 0 {
-		fmt.Fprint(e.Stderr, usage)
-		return 1
+		return cli.Bare(e.Stderr, usage)
 	}
 	cmds := map[string]func(Env, []string) error{
 		"attach": runAttach, "detach": runDetach, "list": runList, "recover": runRecover,
@@ -71,12 +71,14 @@ func Main(args []string, e Env) int {
 		fmt.Fprint(e.Stdout, usage)
 		return 0
 	case !ok:
-		fmt.Fprintf(e.Stderr, "zq-csi ublk: unknown command %q\n%s", args[0], usage)
-		return 1
+		return cli.UnknownCommand(e.Stderr, "zq-csi ublk", args[0], []string{"attach", "detach", "list", "recover"})
 	}
 	err := run(e, args[1:])
-	if err == nil || errors.Is(err, flag.ErrHelp) {
+	if err == nil {
 		return 0
+	}
+	if code, ok := cli.Report(e.Stdout, e.Stderr, err); ok {
+		return code
 	}
 	fmt.Fprintf(e.Stderr, "zq-csi ublk %s: %v\n", args[0], err)
 	var ue usageError
@@ -92,7 +94,6 @@ func (u usageError) Error() string { return string(u) }
 
 func newFlags(e Env, name string, stateDir *string) *flag.FlagSet {
 	fs := flag.NewFlagSet("zq-csi ublk "+name, flag.ContinueOnError)
-	fs.SetOutput(e.Stderr)
 	fs.StringVar(stateDir, "state-dir", DefaultStateDir, "directory of attachment records")
 	return fs
 }
@@ -130,7 +131,7 @@ func runAttach(e Env, args []string) error {
 	var stateDir string
 	fs := newFlags(e, "attach", &stateDir)
 	vol := fs.String("volume-id", "", "volume id, recorded and tagged on the device (default: the image file name)")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() != 1 {
@@ -165,7 +166,7 @@ func runRecover(e Env, args []string) error {
 	var stateDir string
 	fs := newFlags(e, "recover", &stateDir)
 	once := fs.Bool("once", false, "recover, then stop serving at once (leaving the devices for the next recover) instead of serving")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() != 0 {
@@ -227,7 +228,7 @@ func serveUntilDone(e Env, a *ublk.Attacher, vols []string, images []io.Closer) 
 func runDetach(e Env, args []string) error {
 	var stateDir string
 	fs := newFlags(e, "detach", &stateDir)
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() != 1 {
@@ -243,7 +244,7 @@ func runDetach(e Env, args []string) error {
 func runList(e Env, args []string) error {
 	var stateDir string
 	fs := newFlags(e, "list", &stateDir)
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() != 0 {

@@ -32,16 +32,17 @@ func TestUsage(t *testing.T) {
 		rc   int
 		want string // in stdout+stderr
 	}{
-		{nil, 1, "Usage: zq-csi ublk"},
+		// Usage errors exit 2, as the subcommands' own argument checks do.
+		{nil, 2, "Usage: zq-csi ublk"},
 		{[]string{"--help"}, 0, "recover"},
-		{[]string{"bogus"}, 1, `unknown command "bogus"`},
+		{[]string{"bogus"}, 2, `unknown command "bogus"`},
 		{[]string{"attach", "--state-dir", sd}, 2, "zq-csi ublk attach: expects one IMAGE"},
 		{[]string{"attach", "--state-dir", sd, "a", "b"}, 2, "expects one IMAGE"},
 		{[]string{"detach", "--state-dir", sd}, 2, "expects one VOLUME"},
 		{[]string{"detach", "--state-dir", sd, "a", "b"}, 2, "expects one VOLUME"},
 		{[]string{"recover", "--state-dir", sd, "x"}, 2, "takes no arguments"},
 		{[]string{"list", "--state-dir", sd, "x"}, 2, "takes no arguments"},
-		{[]string{"list", "--nope"}, 1, "flag provided but not defined"},
+		{[]string{"list", "--nope"}, 2, "zq-csi ublk list: unknown flag --nope\nRun 'zq-csi ublk list --help' for usage.\n"},
 		{[]string{"attach", "--state-dir", sd, filepath.Join(dir, "missing.qcow2")}, 1, "missing.qcow2"},
 		// ublk presents zoned images only; refused before any device exists.
 		{[]string{"attach", "--state-dir", sd, plain}, 1, "is not a zoned image"},

@@ -279,6 +279,9 @@ func runList(ctx context.Context, c *Client, o options, w io.Writer) error {
 	if o.output == "json" {
 		return writeJSON(w, l)
 	}
+	if err := writeQuarantined(w, l.Quarantined); err != nil {
+		return err
+	}
 	if len(l.Volumes) == 0 {
 		_, err := fmt.Fprintf(w, "No volumes are staged on node %s.\n", l.Node)
 		return err
@@ -311,6 +314,24 @@ func runList(ctx context.Context, c *Client, o options, w io.Writer) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n", v.ID, att, gen, v.DevicePath, size, zones, states, len(v.Targets))
 	}
 	return tw.Flush()
+}
+
+// writeQuarantined lists the state records the plugin moved aside, first,
+// so that nobody reads the volume list as complete without seeing them.
+func writeQuarantined(w io.Writer, q []driver.QuarantinedRecord) error {
+	if len(q) == 0 {
+		return nil
+	}
+	fmt.Fprintf(w, "WARNING: %d state record file(s) could not be loaded and were moved aside; the volumes they held are missing below:\n", len(q))
+	for _, r := range q {
+		when := ""
+		if !r.Time.IsZero() {
+			when = " at " + r.Time.UTC().Format(time.RFC3339)
+		}
+		fmt.Fprintf(w, "  %s%s: %s\n", r.Path, when, r.Reason)
+	}
+	_, err := fmt.Fprintln(w, "  (inspect each file; rename it back to its original name once repaired, or remove it)")
+	return err
 }
 
 func runDescribe(ctx context.Context, c *Client, o options, id string, w io.Writer) error {

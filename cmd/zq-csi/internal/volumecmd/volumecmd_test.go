@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -32,7 +33,11 @@ type plugin struct {
 
 func startPlugin(t *testing.T) *plugin {
 	t.Helper()
-	dir := t.TempDir()
+	return startPluginAt(t, t.TempDir())
+}
+
+func startPluginAt(t *testing.T, dir string) *plugin {
+	t.Helper()
 	att, err := driver.NewFileAttacher(filepath.Join(dir, "state", "attach-file"), 0)
 	if err != nil {
 		t.Fatal(err)
@@ -305,5 +310,35 @@ func TestParseInterspersed(t *testing.T) {
 		if err != nil || strings.Join(pos, ",") != strings.Join(tc.pos, ",") || o != tc.o {
 			t.Errorf("%q: %q o=%q %v; want %q o=%q", tc.args, pos, o, err, tc.pos, tc.o)
 		}
+	}
+}
+
+// Issue 14: a bad state record is moved aside at start; `volume list`
+// says so above the volumes, and -o json carries it.
+func TestListShowsQuarantinedRecords(t *testing.T) {
+	dir := t.TempDir()
+	nodeDir := filepath.Join(dir, "state", "node")
+	if err := os.MkdirAll(nodeDir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(nodeDir, "zqv-00000000000000000001.json")
+	if err := os.WriteFile(bad, nil, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	p := startPluginAt(t, dir)
+	code, out, errOut := runMain("list", "--socket", p.socket)
+	if code != ExitOK {
+		t.Fatalf("list: exit %d %s", code, errOut)
+	}
+	for _, want := range []string{"WARNING: 1 state record file(s) could not be loaded and were moved aside",
+		bad + ".quarantined-", ": empty file", "No volumes are staged on node node-a."} {
+		if !strings.Contains(out, want) {
+			t.Errorf("list lacks %q:\n%s", want, out)
+		}
+	}
+	code, out, _ = runMain("list", "-o", "json", "--socket", p.socket)
+	var l driver.DebugVolumeList
+	if err := json.Unmarshal([]byte(out), &l); code != ExitOK || err != nil || len(l.Quarantined) != 1 || l.Quarantined[0].Original != bad {
+		t.Errorf("list -o json: exit %d %v %+v", code, err, l)
 	}
 }
