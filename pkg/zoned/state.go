@@ -664,11 +664,33 @@ func (m *Machine) closeZone(i int) {
 func (m *Machine) limitText(err error) string {
 	switch {
 	case errors.Is(err, ErrTooManyActiveZones):
-		return fmt.Sprintf("max_active_zones=%d reached: %d open, %d closed", m.g.MaxActive, m.n.Open(), m.n.Closed)
+		return fmt.Sprintf("max_active_zones=%d reached: %d open, %d closed%s", m.g.MaxActive, m.n.Open(), m.n.Closed, m.activeList())
 	case errors.Is(err, ErrTooManyOpenZones):
 		return fmt.Sprintf("max_open_zones=%d reached: all %d open zones are explicitly open, none can be closed implicitly", m.g.MaxOpen, m.n.ExplicitOpen)
 	}
 	return ""
+}
+
+// activeList names the first active zones and their conditions, for
+// limitText: which zones hold the slots.
+func (m *Machine) activeList() string {
+	var b []byte
+	n := 0
+	for i := range m.zones {
+		switch c := m.zones[i].cond; c {
+		case CondImpOpen, CondExpOpen, CondClosed:
+			if n == 8 {
+				return string(b) + " ..."
+			}
+			sep := ", "
+			if n == 0 {
+				sep = ": zones "
+			}
+			b = fmt.Appendf(b, "%s%d %v", sep, i, c)
+			n++
+		}
+	}
+	return string(b)
 }
 
 func (m *Machine) activeFree() bool {

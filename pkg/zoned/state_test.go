@@ -1222,8 +1222,8 @@ func TestLimitErrorsNameTheLimit(t *testing.T) {
 	must(t, m.Close(1))
 	must(t, m.Write(g.ZoneStart(2), 512))
 	err = m.Write(g.ZoneStart(3), 512)
-	if !errors.As(err, &ze) || ze.Limit != "max_active_zones=3 reached: 2 open, 1 closed" ||
-		!strings.HasSuffix(err.Error(), "too many active zones (max_active_zones=3 reached: 2 open, 1 closed)") {
+	if !errors.As(err, &ze) || ze.Limit != "max_active_zones=3 reached: 2 open, 1 closed: zones 0 EXP_OPEN, 1 CLOSED, 2 IMP_OPEN" ||
+		!strings.HasSuffix(err.Error(), "too many active zones (max_active_zones=3 reached: 2 open, 1 closed: zones 0 EXP_OPEN, 1 CLOSED, 2 IMP_OPEN)") {
 		t.Errorf("active limit: %v", err)
 	}
 }

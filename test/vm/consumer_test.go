@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 	"github.com/zq-csi/zq-csi/pkg/nbdattach/ublk"
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
 	"github.com/zq-csi/zq-csi/pkg/zoned"
@@ -122,6 +123,9 @@ func newUblkSide(t *testing.T, g consumerGeom) *zoneDev {
 		}
 		c := dev.Counts()
 		n := d.Machine().Counts()
+		for _, f := range dev.Failures() {
+			t.Logf("ublk request failed: %s", f)
+		}
 		return fmt.Sprintf("requests: %d writes, %d appends, %d zone mgmt, %d discards, %d failed; now open %d active %d",
 			c.Writes, c.Appends, c.ZoneMgmt, c.Discards, c.Failed, n.Open(), n.Active())
 	}
@@ -192,6 +196,9 @@ func TestConsumers(t *testing.T) {
 		}
 	}
 	fmt.Printf("ZQVM: CONSUMER zonefs %s\n", zonefsNote())
+	if d := os.Getenv("ZQ_NULLBLK_COMPLETION_NSEC"); d != "" {
+		nullBlkExtra["irqmode"], nullBlkExtra["completion_nsec"] = "2", d
+	}
 	only := os.Getenv("ZQ_CONSUMER_RUN")
 	for _, g := range consumerGeoms {
 		queueAttrs(t, g)
@@ -718,4 +725,67 @@ func lastLines(s string, n int) string {
 		l = l[len(l)-n:]
 	}
 	return strings.Join(l, " | ")
+}
+
+// TestConsumersNBD: the fio workloads that apply to the NBD exporter,
+// whose kernel device is not zoned (DESIGN point 6): sequential writes per
+// zone (fio --zonemode=strided, each zone written up to its capacity, one
+// band of zones per job) with crc32c verify, on every geometry of the
+// lane. The zone engine enforces the rules behind the device; no
+// acknowledged write may be lost, and a workload within the limits sees
+// no refusal.
+func TestConsumersNBD(t *testing.T) {
+	requireKernel(t)
+	if _, err := exec.LookPath("fio"); err != nil {
+		if os.Getenv("ZQ_VM") == "1" {
+			t.Fatal("fio missing in the test VM")
+		}
+		t.Skip("******** SKIPPED: fio not installed ********")
+	}
+	for _, g := range consumerGeoms {
+		t.Run(g.name, func(t *testing.T) {
+			dir := t.TempDir()
+			img := filepath.Join(dir, "nbd-"+g.name+".qcow2")
+			zs, zc, conv, mo, ma, app := g.zs, g.cap, g.conv, g.maxOpen, g.maxActive, g.app
+			if _, err := qcow2.Create(img, qcow2.CreateOptions{Size: g.size, Zoned: &qcow2.ZonedOptions{
+				ZoneSize: &zs, ZoneCapacity: &zc, ConventionalZones: &conv, MaxOpenZones: &mo, MaxActiveZones: &ma, MaxAppendBytes: &app}}); err != nil {
+				t.Fatal(err)
+			}
+			d, err := zoned.Open(img, zoned.OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			a := newAttacher(t, filepath.Join(dir, "state"))
+			att, err := a.Attach(t.Context(), nbdattach.AttachRequest{VolumeID: "vol-" + g.name, ImagePath: img, Backend: nbdattach.ZonedBackend{D: d}})
+			if err != nil {
+				d.Close()
+				t.Fatal(err)
+			}
+			defer a.Detach(t.Context(), "vol-"+g.name)
+			off, size := seqRegion(g)
+			jobs := uint64(4)
+			if g.maxOpen > 0 {
+				jobs = min(jobs, uint64(g.maxOpen))
+			}
+			band := (size / jobs) / g.zs * g.zs
+			write := min(band, max(g.zs, 32<<20/g.zs*g.zs))
+			clearKmsg()
+			out, ferr := exec.Command("fio", "--name=strided", "--filename="+att.DevicePath, "--thread", "--direct=1", "--ioengine=libaio",
+				"--iodepth=16", fmt.Sprintf("--numjobs=%d", jobs), "--rw=write", "--bs=64k", "--zonemode=strided",
+				fmt.Sprintf("--zonesize=%d", g.cap), fmt.Sprintf("--zonerange=%d", g.zs),
+				fmt.Sprintf("--offset=%d", off), fmt.Sprintf("--offset_increment=%d", band), fmt.Sprintf("--size=%d", write),
+				"--verify=crc32c", "--do_verify=1", "--group_reporting").CombinedOutput()
+			logs := deviceLog(filepath.Base(att.DevicePath))
+			res := "ok"
+			if ferr != nil || !strings.Contains(string(out), "err= 0") {
+				res = "FAIL: " + oneLine(fioErr(string(out)))
+				t.Errorf("fio strided verify through %s: %v\n%s", att.DevicePath, ferr, out)
+			}
+			n := d.Machine().Counts()
+			fmt.Printf("ZQVM: CONSUMER fio-strided-verify %s nbd=%s kernel-errors=%d open=%d active=%d\n", g, res, len(logs), n.Open(), n.Active())
+			for _, l := range logs {
+				t.Errorf("kernel: %s", l)
+			}
+		})
+	}
 }

@@ -17,6 +17,11 @@ import (
 // mounts configfs at /sys/kernel/config.
 const nullblkConfigfs = "/sys/kernel/config/nullb"
 
+// nullBlkExtra are further configfs attributes for the next reference
+// devices (e.g. irqmode and completion_nsec for a reference with the
+// latency of ours).
+var nullBlkExtra = map[string]string{}
+
 // zonedNullBlk creates the reference device: a zoned null_blk with the
 // geometry g of one of our images (capacity, zone size and capacity,
 // conventional zones, max open and active), through configfs, where the
@@ -59,11 +64,19 @@ func zonedNullBlk(t *testing.T, g zoned.Geometry, memoryBacked bool) string {
 			{"size", mb(g.Size)}, {"blocksize", "512"}, {"memory_backed", mem},
 			{"zoned", "1"}, {"zone_size", mb(g.ZoneSize)}, {"zone_capacity", mb(g.ZoneCapacity)},
 			{"zone_nr_conv", fmt.Sprint(g.Conventional)}, {"zone_max_open", fmt.Sprint(g.MaxOpen)},
-			{"zone_max_active", fmt.Sprint(g.MaxActive)}, {"power", "1"},
+			{"zone_max_active", fmt.Sprint(g.MaxActive)},
 		} {
 			if err := os.WriteFile(filepath.Join(item, kv[0]), []byte(kv[1]), 0); err != nil {
 				t.Fatalf("null_blk configfs %s=%s: %v", kv[0], kv[1], err)
 			}
+		}
+		for k, v := range nullBlkExtra {
+			if err := os.WriteFile(filepath.Join(item, k), []byte(v), 0); err != nil {
+				t.Fatalf("null_blk configfs %s=%s: %v", k, v, err)
+			}
+		}
+		if err := os.WriteFile(filepath.Join(item, "power"), []byte("1"), 0); err != nil {
+			t.Fatalf("null_blk configfs power=1: %v", err)
 		}
 		// The disk is named after the configfs item on recent kernels and
 		// after its index on older ones; with nr_devices=0 both are nullb0.

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -53,6 +55,9 @@ type handler struct {
 
 	counts [256]atomic.Uint64 // requests by UBLK_IO_OP_*
 	failed atomic.Uint64      // requests answered with an error
+
+	fmu      sync.Mutex
+	failures []string // the first maxFailures backend errors, for Failures
 }
 
 // Counts are the requests a device served, by kind.
@@ -67,7 +72,14 @@ type Counts struct {
 type reqBuf struct {
 	buf     []byte // maxIO bytes
 	scratch []byte // allocated on the first replay check
+	// mayPark lets a WRITE or ZONE_APPEND that the zone engine refuses for
+	// lack of open or active slots be answered resParked instead of an
+	// errno: the queue keeps it and tries again (see parking).
+	mayPark bool
 }
+
+// resParked is the result of a request the queue must keep and retry.
+const resParked = math.MinInt32
 
 func (h *handler) newBuf() *reqBuf { return &reqBuf{buf: make([]byte, h.maxIO)} }
 
@@ -96,6 +108,29 @@ func newHandler(b Backend, maxIO int) (*handler, error) {
 	return &handler{b: b, g: g, zoneSectors: zs, sectors: whole * zs, maxIO: maxIO}, nil
 }
 
+// maxFailures bounds what Failures keeps.
+const maxFailures = 16
+
+// errRes is errnoRes for a backend error of a request, remembered (the
+// first maxFailures) so a test or an operator can see why requests failed.
+func (h *handler) errRes(err error) int32 {
+	if err != nil {
+		h.fmu.Lock()
+		if len(h.failures) < maxFailures {
+			h.failures = append(h.failures, err.Error())
+		}
+		h.fmu.Unlock()
+	}
+	return errnoRes(err)
+}
+
+// failuresSnapshot returns the remembered backend errors.
+func (h *handler) failuresSnapshot() []string {
+	h.fmu.Lock()
+	defer h.fmu.Unlock()
+	return append([]string(nil), h.failures...)
+}
+
 func errnoRes(err error) int32 {
 	var en syscall.Errno
 	if errors.As(err, &en) && en != 0 {
@@ -105,8 +140,11 @@ func errnoRes(err error) int32 {
 }
 
 func (h *handler) handle(d ioDesc, data reqData, rb *reqBuf) (res int32, appendLBA uint64) {
-	h.counts[d.op()].Add(1)
 	res, appendLBA = h.serve(d, data, rb)
+	if res == resParked {
+		return res, 0 // counted when it is finally answered
+	}
+	h.counts[d.op()].Add(1)
 	if res < 0 {
 		h.failed.Add(1)
 	}
@@ -129,7 +167,7 @@ func (h *handler) serve(d ioDesc, data reqData, rb *reqBuf) (res int32, appendLB
 	case opRead:
 		p := rb.buf[:length]
 		if _, err := h.b.ReadAt(p, off); err != nil {
-			return errnoRes(err), 0
+			return h.errRes(err), 0
 		}
 		return h.out(data, p)
 	case opWrite:
@@ -141,7 +179,10 @@ func (h *handler) serve(d ioDesc, data reqData, rb *reqBuf) (res int32, appendLB
 			if h.replayed(rb, p, off, err) {
 				return int32(length), 0
 			}
-			return errnoRes(err), 0
+			if parkable(rb, err) {
+				return resParked, 0
+			}
+			return h.errRes(err), 0
 		}
 		return int32(length), 0
 	case opZoneAppend:
@@ -151,21 +192,24 @@ func (h *handler) serve(d ioDesc, data reqData, rb *reqBuf) (res int32, appendLB
 		}
 		at, err := h.b.Append(int(sector/h.zoneSectors), p, fua)
 		if err != nil {
-			return errnoRes(err), 0
+			if parkable(rb, err) {
+				return resParked, 0
+			}
+			return h.errRes(err), 0
 		}
 		return int32(length), at / zoned.SectorSize
 	case opFlush:
-		return errnoRes(h.b.Flush()), 0
+		return h.errRes(h.b.Flush()), 0
 	case opDiscard:
 		if !inRange {
 			return -int32(syscall.EINVAL), 0
 		}
-		return errnoRes(h.b.Trim(off, length)), 0
+		return h.errRes(h.b.Trim(off, length)), 0
 	case opWriteZeroes:
 		if !inRange {
 			return -int32(syscall.EINVAL), 0
 		}
-		return errnoRes(h.b.WriteZeroes(off, length, d.OpFlags&ioFlagNoUnmap != 0)), 0
+		return h.errRes(h.b.WriteZeroes(off, length, d.OpFlags&ioFlagNoUnmap != 0)), 0
 	case opZoneOpen, opZoneClose, opZoneFinish, opZoneReset:
 		// Zone management requests carry no length: they name the zone
 		// starting at start_sector.
@@ -174,13 +218,19 @@ func (h *handler) serve(d ioDesc, data reqData, rb *reqBuf) (res int32, appendLB
 		}
 		z := int(sector / h.zoneSectors)
 		op := map[uint8]zoned.Op{opZoneOpen: zoned.OpOpen, opZoneClose: zoned.OpClose, opZoneFinish: zoned.OpFinish, opZoneReset: zoned.OpReset}[d.op()]
-		return errnoRes(h.b.Mgmt(op, h.g.ZoneStart(z), h.g.ZoneLen(z))), 0
+		return h.errRes(h.b.Mgmt(op, h.g.ZoneStart(z), h.g.ZoneLen(z))), 0
 	case opZoneResetAll:
-		return errnoRes(h.b.Mgmt(zoned.OpResetAll, 0, h.g.Size)), 0
+		return h.errRes(h.b.Mgmt(zoned.OpResetAll, 0, h.g.Size)), 0
 	case opReportZones:
 		return h.report(d, data, rb), 0
 	}
 	return -int32(syscall.EOPNOTSUPP), 0
+}
+
+// parkable: the request was refused for lack of zone resources and its
+// queue may keep it for a retry.
+func parkable(rb *reqBuf, err error) bool {
+	return rb.mayPark && (errors.Is(err, zoned.ErrTooManyActiveZones) || errors.Is(err, zoned.ErrTooManyOpenZones))
 }
 
 // replayed tells whether a refused write is the reissue of one already

@@ -75,6 +75,7 @@ type Device struct {
 	onError  func(error)
 
 	stopping  atomic.Bool
+	progress  atomic.Uint64 // requests answered, all queues: parked requests retry when it moves
 	abandoned atomic.Bool
 	running   atomic.Int32  // queue loops not yet returned
 	ended     chan struct{} // closed when every queue loop has returned
@@ -284,6 +285,11 @@ func (d *Device) BlockPath() string { return fmt.Sprintf("/dev/ublkb%d", d.ID) }
 
 // Counts returns the requests served so far.
 func (d *Device) Counts() Counts { return d.h.snapshot() }
+
+// Failures returns the backend errors of the first failed requests (at
+// most 16), oldest first: what a zone engine refusal said, which the
+// kernel only sees as an errno.
+func (d *Device) Failures() []string { return d.h.failuresSnapshot() }
 
 // QueueRequests returns the requests each hardware queue has served so
 // far: blk-mq sends a request to the queue of the CPU that submitted it.
@@ -559,8 +565,10 @@ func (d *Device) loop(q *queue, ready chan<- error) (err error) {
 	ready <- nil
 	live := d.depth
 	var stopAt time.Time
+	var park parking
+	wait := 200 * time.Millisecond
 	for live > 0 {
-		if _, err := ring.SubmitAndWait(1, 200*time.Millisecond); err != nil && !errors.Is(err, ErrTimeout) {
+		if _, err := ring.SubmitAndWait(1, wait); err != nil && !errors.Is(err, ErrTimeout) {
 			return err
 		}
 		ring.Reap(func(c CQE) {
@@ -575,10 +583,34 @@ func (d *Device) loop(q *queue, ready chan<- error) (err error) {
 				return
 			}
 			desc := decodeIODesc(descs[int(tag)*ioDescSize:])
+			q.rb.mayPark = true
 			res, lba := d.h.handle(desc, userCopy{fd: fd, q: q.id, tag: tag}, q.rb)
+			if res == resParked {
+				park.add(tag, desc, d.progress.Load())
+				return
+			}
 			q.served.Add(1)
+			d.progress.Add(1)
 			push(ioCommitAndFetchReq, ioCmd{Tag: tag, Result: res, Addr: lba})
 		})
+		// Parked requests: retried after other requests were served; the
+		// last try, with parking off, answers the engine's errno.
+		park.retry(d.progress.Load(), d.stopping.Load(), func(tag uint16, desc ioDesc, final bool) bool {
+			q.rb.mayPark = !final
+			res, lba := d.h.handle(desc, userCopy{fd: fd, q: q.id, tag: tag}, q.rb)
+			if res == resParked {
+				return false
+			}
+			q.served.Add(1)
+			d.progress.Add(1)
+			push(ioCommitAndFetchReq, ioCmd{Tag: tag, Result: res, Addr: lba})
+			return true
+		})
+		if park.len() > 0 {
+			wait = parkPoll
+		} else {
+			wait = 200 * time.Millisecond
+		}
 		if d.abandoned.Load() {
 			return nil // the thread exits; the kernel cancels the fetches
 		}
