@@ -70,6 +70,15 @@ func zonedNullBlk(t *testing.T, g zoned.Geometry, memoryBacked bool) string {
 				t.Fatalf("null_blk configfs %s=%s: %v", kv[0], kv[1], err)
 			}
 		}
+		// The append limit too, where this null_blk has the attribute
+		// (Linux >= 6.11): else it takes its own 255 sectors.
+		if g.MaxAppendBytes != 0 {
+			if _, err := os.Stat(filepath.Join(item, "zone_append_max_sectors")); err == nil {
+				if err := os.WriteFile(filepath.Join(item, "zone_append_max_sectors"), []byte(fmt.Sprint(g.MaxAppendBytes/512)), 0); err != nil {
+					t.Fatalf("null_blk configfs zone_append_max_sectors=%d: %v", g.MaxAppendBytes/512, err)
+				}
+			}
+		}
 		for k, v := range nullBlkExtra {
 			if err := os.WriteFile(filepath.Join(item, k), []byte(v), 0); err != nil {
 				t.Fatalf("null_blk configfs %s=%s: %v", k, v, err)
