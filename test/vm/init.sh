@@ -46,10 +46,10 @@ cd /tmp
 # until the host's timeout with nothing said. Past the limit the watchdog
 # prints every blocked task's kernel stack and powers off.
 ( ZQ_VM=1 ZQ_CONSUMER_RUN="$ZQ_CONSUMER_RUN" ZQ_NULLBLK_COMPLETION_NSEC="$ZQ_NULLBLK_COMPLETION_NSEC" ZQ_CSI_BIN=/zq/zq-csi ZQ_VM_MIB=$ZQ_VM_MIB ZQ_VM_DD_ROUNDS=$ZQ_VM_DD_ROUNDS /zq/vm.test -test.v -test.count="${ZQ_VM_COUNT:-1}" \
-    -test.timeout="${ZQ_VM_TEST_TIMEOUT:-8}m" -test.run "$ZQ_VM_RUN" 2>&1
+    -test.timeout="${ZQ_VM_TEST_TIMEOUT:-20}m" -test.run "$ZQ_VM_RUN" 2>&1
   echo "ZQVM: GO-TESTS rc=$?" ) &
 tests=$!
-limit=$(( ${ZQ_VM_TEST_TIMEOUT:-8} * 60 + 30 ))
+limit=$(( ${ZQ_VM_TEST_TIMEOUT:-20} * 60 + 30 ))
 waited=0
 while kill -0 $tests 2>/dev/null; do
   if [ $waited -ge $limit ]; then

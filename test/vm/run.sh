@@ -11,7 +11,7 @@
 # Environment:
 #   ZQ_VM_CACHE        cache root (default $ZQ_CACHE/vm, ZQ_CACHE defaulting to /var/cache/zq-csi)
 #   ZQ_VM_ACCEL        tcg (default) or kvm
-#   ZQ_VM_TIMEOUT      seconds before the VM is killed (default 900)
+#   ZQ_VM_TIMEOUT      seconds before the VM is killed (default 1800)
 #   ZQ_VM_MIB          MiB written per I/O test and per dd run (default 64)
 #   ZQ_VM_DD_ROUNDS    alternating rounds of the dd comparison with
 #                      qemu-nbd -c (default 3; the median ratio is reported)
@@ -20,7 +20,7 @@
 #   ZQ_VM_RUN          -test.run pattern for the in-VM Go tests
 #   ZQ_CONSUMER_RUN    regexp on "<workload> <geometry>" choosing the consumer lane's comparisons
 #   ZQ_VM_COUNT        -test.count for them (default 1; raise it to hunt races)
-#   ZQ_VM_TEST_TIMEOUT minutes for them (default 8); a watchdog in the VM
+#   ZQ_VM_TEST_TIMEOUT minutes for them (default 20); a watchdog in the VM
 #                      reports blocked tasks and powers off 30 s later
 #   ZQ_REQUIRE_VM=1 or ZQ_REQUIRE_PEERS=1: a missing tool fails instead of skipping
 set -euo pipefail
@@ -165,7 +165,7 @@ ZQ_VM_RUN='${ZQ_VM_RUN:-.}'
 ZQ_CONSUMER_RUN='${ZQ_CONSUMER_RUN:-}'
 ZQ_NULLBLK_COMPLETION_NSEC='${ZQ_NULLBLK_COMPLETION_NSEC:-}'
 ZQ_VM_COUNT=${ZQ_VM_COUNT:-1}
-ZQ_VM_TEST_TIMEOUT=${ZQ_VM_TEST_TIMEOUT:-8}
+ZQ_VM_TEST_TIMEOUT=${ZQ_VM_TEST_TIMEOUT:-20}
 KREL=$KREL
 EOF
 (cd "$R" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1 > "$W/initrd.gz")
@@ -190,7 +190,7 @@ t1=$(date +%s)
 # escapes on the same line) is never retried.
 for boot in 1 2 3; do
   set +e
-  timeout "${ZQ_VM_TIMEOUT:-900}" qemu-system-x86_64 "${QACCEL[@]}" -m "${ZQ_VM_MEM:-3072}" -smp 2 -nographic -no-reboot \
+  timeout "${ZQ_VM_TIMEOUT:-1800}" qemu-system-x86_64 "${QACCEL[@]}" -m "${ZQ_VM_MEM:-3072}" -smp 2 -nographic -no-reboot \
     -kernel "$KDIR/vmlinuz" -initrd "$W/initrd.gz" \
     -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" </dev/null 2>&1 | tee "$LOG" | sed -u 's/^/  vm| /'
   qrc=${PIPESTATUS[0]}
@@ -214,7 +214,7 @@ say "==== summary ($ACCEL, kernel $KREL, VM ran $((t2 - t1))s, total $((t2 - t0)
 grep -E '^(--- (PASS|FAIL|SKIP)|    --- (PASS|FAIL|SKIP))' "$W/clean.log" | sed 's/^/[test-vm]   /' || true
 grep -E '^ZQVM: (RESTART|RESIZE|DD|RATIO|ZONED|UBLK|NULLBLK|MODULE|WATCHDOG|IO-FLUSHER|CONSUMER|QUEUE)' "$W/clean.log" | sed 's/^ZQVM: /[test-vm]   /' || true
 if ! grep -q '^ZQVM: DONE' "$W/clean.log"; then
-  say "FAIL: the VM did not finish (qemu exit $qrc; timeout ${ZQ_VM_TIMEOUT:-900}s)"
+  say "FAIL: the VM did not finish (qemu exit $qrc; timeout ${ZQ_VM_TIMEOUT:-1800}s)"
   exit 1
 fi
 rc=$(sed -n 's/^ZQVM: GO-TESTS rc=\([0-9]*\).*/\1/p' "$W/clean.log" | tail -1)
