@@ -41,8 +41,21 @@
 // Errors are *ZoneError or *GeometryError values wrapping one sentinel;
 // Errno maps them to the errno Linux returns in the same case.
 //
-// A known difference from a device that processes each command atomically:
-// resources held by a pending write are released at Commit, so a command
-// on another zone that runs while a zone-filling write is pending can fail
-// for lack of an active slot the device would already have freed.
+// Resources and pending writes. A device that stores each write as it is
+// dispatched (null_blk) has made a zone FULL by the time it sees the next
+// command; here a zone-filling write is accepted first and committed after
+// its I/O. So a command that finds no open or active slot while such a
+// write is pending waits for it (waitForFill) instead of failing: when it
+// commits, the slot is free; if it aborts, the command fails as it would
+// have. The transition rules, in one table:
+//
+//	write/append  EMPTY    → IMP_OPEN (needs active + open slot; LRU close of an IMP_OPEN zone if no open slot)
+//	write/append  CLOSED   → IMP_OPEN (needs an open slot, LRU close as above)
+//	write/append  *_OPEN   → same; FULL when the WP reaches the writable end (frees both slots)
+//	open          EMPTY/CLOSED → EXP_OPEN (slots as for a write); IMP_OPEN → EXP_OPEN; FULL → EINVAL
+//	close         *_OPEN   → EMPTY if nothing written, else CLOSED; EMPTY/FULL → EINVAL
+//	finish        any      → FULL (EMPTY needs an active slot, as null_blk and ZNS)
+//	reset         any      → EMPTY
+//
+// A failed write returns its zone to the condition it had.
 package zoned
