@@ -11,7 +11,7 @@ import (
 // with RepairAll it also raises those that are too low.
 func Check(path string, o CheckOptions) (*CheckResult, error) {
 	repair := o.RepairLeaks || o.RepairAll
-	im, err := Open(path, OpenOptions{ReadOnly: !repair, NoBacking: true, NoRepair: true})
+	im, err := Open(path, OpenOptions{ReadOnly: !repair, NoBacking: true, NoRepair: true, ForceShare: o.ForceShare && !repair})
 	if err != nil {
 		return nil, err
 	}

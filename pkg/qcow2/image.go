@@ -32,7 +32,7 @@ func (r *rawFile) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 func (r *rawFile) Size() uint64 { return r.size }
-func (r *rawFile) Close() error { return r.f.Close() }
+func (r *rawFile) Close() error { unlockBytes(r.f); return r.f.Close() }
 
 // Image is an open qcow2 image. Its methods are safe for concurrent use.
 //
@@ -89,12 +89,21 @@ func Open(path string, o OpenOptions) (*Image, error) {
 const maxBackingDepth = 16
 
 func openDepth(path string, o OpenOptions, depth int) (*Image, error) {
+	if o.ForceShare && !o.ReadOnly {
+		return nil, &OptionError{Name: "force-share", Value: "on", Rule: "can only be used with read-only images"}
+	}
 	flag := os.O_RDWR
 	if o.ReadOnly {
 		flag = os.O_RDONLY
 	}
 	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
+		return nil, err
+	}
+	// Lock before reading anything: a header read while another writer
+	// holds the image may be half-updated (lock.go).
+	if err := LockFileFor(f, o); err != nil {
+		f.Close()
 		return nil, err
 	}
 	im, err := openFile(f, path, o, depth)
@@ -111,6 +120,12 @@ type OpenOptions struct {
 	NoBacking bool // do not open the backing file; unallocated clusters read as zeros
 	// NoRepair opens a dirty image without rebuilding its refcounts (used by Check).
 	NoRepair bool
+	// ForceShare (qemu-img -U, read-only opens only) shares every
+	// permission with other openers: the image may be inspected while
+	// someone else writes it, at the price of reading a moving target.
+	// Without it a read-only open is refused while anyone writes the image,
+	// and a writable open while anyone else has it open (lock.go).
+	ForceShare bool
 }
 
 func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error) {
@@ -169,7 +184,7 @@ func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error)
 		if depth >= maxBackingDepth {
 			return nil, unsupportedf(offBackingOffset, "backing chain deeper than %d", maxBackingDepth)
 		}
-		if err := im.openBacking(depth); err != nil {
+		if err := im.openBacking(o, depth); err != nil {
 			return nil, err
 		}
 	}
@@ -205,7 +220,11 @@ func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error)
 	return im, nil
 }
 
-func (im *Image) openBacking(depth int) error {
+// openBacking opens the backing file read-only, with the lock a read-only
+// open takes (qemu's backing children share no write either, block.c
+// bdrv_default_perms_for_cow), forcing share when the top image does.
+func (im *Image) openBacking(o OpenOptions, depth int) error {
+	bo := OpenOptions{ReadOnly: true, ForceShare: o.ForceShare}
 	name := im.h.backingFile
 	if !filepath.IsAbs(name) {
 		name = filepath.Join(filepath.Dir(im.path), name)
@@ -227,7 +246,7 @@ func (im *Image) openBacking(depth int) error {
 	}
 	switch fmtName {
 	case "qcow2":
-		b, err := openDepth(name, OpenOptions{ReadOnly: true}, depth+1)
+		b, err := openDepth(name, bo, depth+1)
 		if err != nil {
 			return fmt.Errorf("opening backing file %s: %w", name, err)
 		}
@@ -236,6 +255,10 @@ func (im *Image) openBacking(depth int) error {
 		b, err := os.Open(name)
 		if err != nil {
 			return fmt.Errorf("opening backing file: %w", err)
+		}
+		if err := LockFileFor(b, bo); err != nil {
+			b.Close()
+			return fmt.Errorf("opening backing file %s: %w", name, err)
 		}
 		st, err := b.Stat()
 		if err != nil {
@@ -470,6 +493,11 @@ func (im *Image) Close() error {
 	}
 	im.meta.Unlock()
 	im.closeBacking()
+	// Give up the lock bytes now: Go defers the close(2) itself while
+	// another goroutine is still inside a call on the file (a server's
+	// fsync for a client that just left), and an open that follows Close
+	// must not find the image still held.
+	unlockBytes(im.f)
 	errs = append(errs, im.f.Close())
 	return errors.Join(errs...)
 }

@@ -169,7 +169,7 @@ func hasSizeOption(oargs []string) bool {
 
 // probeBacking returns the format and virtual size of a backing file.
 func probeBacking(path, want string) (string, uint64, error) {
-	f, err := resolveFormat(path, want)
+	f, _, err := resolveFormat(path, want)
 	if err != nil {
 		return "", 0, err
 	}

@@ -23,6 +23,7 @@ Run qemu-io style commands on an image. Each -c gives one command; without
 1 if any command failed.
 
   -r          open the image read-only
+  -U          force shared permissions (with -r): read an image someone else writes
   -f FMT      qcow2 or raw (detected when omitted)
   -c COMMAND  a command, e.g. -c 'write -P 0xab 0 64k'
 
@@ -103,9 +104,11 @@ func runIO(e Env, args []string) int {
 		return code
 	}
 	var cmds []string
-	want, readOnly := "", false
+	want, readOnly, share := "", false, false
 	for _, o := range opts {
 		switch o.name {
+		case "U":
+			share = true
 		case "r":
 			readOnly = true
 		case "f":
@@ -118,7 +121,7 @@ func runIO(e Env, args []string) int {
 		return usageFail(e, "io", "Expecting one image file name")
 	}
 	file := pos[0]
-	dev, zdev, err := openIODevice(file, want, readOnly)
+	dev, zdev, err := openIODevice(file, openMode{format: want, readOnly: readOnly, forceShare: share, warn: e.Stderr})
 	if err != nil {
 		fmt.Fprintf(e.Stderr, "%s io: can't open device %s: %v\n", prog, file, err)
 		return 1
