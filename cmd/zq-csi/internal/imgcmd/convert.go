@@ -387,9 +387,12 @@ func (zc *zoneCopy) wrote(from, to uint64, p []byte) error {
 					}
 				}
 			}
+			// The pointer goes past the last non-zero byte, rounded up to
+			// a sector (the zero tail of a copied block is not data).
 			last := min(zend, wend)
-			// Trailing zeros inside a block still count: the pointer
-			// covers whole copied blocks, rounded to 512.
+			for last > off && p[last-1-from] == 0 {
+				last--
+			}
 			if last > off {
 				zc.wps[i] = max(zc.wps[i], min((last+511)&^511, wend))
 			}
