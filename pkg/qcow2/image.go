@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
+	"syscall"
 )
 
 // backingReader is what an image reads unallocated clusters from.
@@ -72,6 +74,7 @@ type Image struct {
 	metaClusters  map[uint64]metaRef // active L2 tables and refcount blocks by host cluster (overlap.go)
 	snapTableSize uint64             // bytes of the snapshot table
 	pool          allocPool          // clusters reserved for allocation (refcount.go)
+	failedIO      atomic.Bool        // a write path failed on the file: keep the dirty bit (noteFailure)
 	poolMax       uint64             // clusters reserved at a time; 0: no pool
 	rtTop         struct {           // cache of refBlocksEnd for a refcount table of n entries
 		n   int
@@ -486,6 +489,12 @@ func (im *Image) Close() error {
 			}
 		}
 		errs = append(errs, syncFile(im.f))
+		// A session whose writes failed on the file (ENOSPC, EIO) may
+		// have allocated clusters it never used: the dirty bit stays, so
+		// the next writable open repairs the refcounts (the leaks).
+		if im.failedIO.Load() || errors.Join(errs...) != nil {
+			im.dirtySet = false
+		}
 		if im.dirtySet {
 			im.h.incompatible &^= incDirty
 			errs = append(errs, im.writeHeaderField(offIncompatible, im.h.incompatible), syncFile(im.f))
@@ -518,6 +527,18 @@ func (im *Image) writeHeaderField(off int64, v uint64) error {
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], v)
 	_, err := im.f.WriteAt(b[:], off)
+	return err
+}
+
+// noteFailure passes err on, remembering a failure of the file itself
+// (an errno: ENOSPC, EIO) in a write path, after which the refcounts may
+// count clusters nothing references; Close then leaves the dirty bit set.
+// Refusals (out of range, read-only, metadata overlap) are not failures.
+func (im *Image) noteFailure(err error) error {
+	var errno syscall.Errno
+	if err != nil && errors.As(err, &errno) {
+		im.failedIO.Store(true)
+	}
 	return err
 }
 
