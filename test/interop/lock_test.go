@@ -180,6 +180,7 @@ func TestLockZqRefusesWhatQemuHolds(t *testing.T) {
 	refused(t, "img check -r leaks", zq(t, dir, "check", "-r", "leaks", "q.qcow2"), writeLock)
 	refused(t, "img resize", zq(t, dir, "resize", "q.qcow2", "32M"), writeLock)
 	refused(t, "img create over it", zq(t, dir, "create", "-f", "qcow2", "q.qcow2", "1M"), writeLock)
+	refused(t, "img create -f raw over it", zq(t, dir, "create", "-f", "raw", "q.qcow2", "1M"), writeLock)
 	refused(t, "img convert from it", zq(t, dir, "convert", "-O", "raw", "q.qcow2", "out.raw"), sharedWriteLock)
 	mustRun(t, dir, "qemu-img", "create", "-f", "qcow2", "other.qcow2", "1M")
 	refused(t, "img convert over it", zq(t, dir, "convert", "-O", "qcow2", "other.qcow2", "q.qcow2"), writeLock)

@@ -34,7 +34,7 @@ func runConvert(e Env, args []string) int {
 	if done {
 		return code
 	}
-	srcFmt, dstFmt, share := "", fmtRaw, false
+	srcFmt, dstFmt, share, help := "", fmtRaw, false, false
 	var oargs []string
 	for _, o := range opts {
 		switch o.name {
@@ -46,13 +46,20 @@ func runConvert(e Env, args []string) int {
 			share = true
 		case "o":
 			if o.val == "help" || o.val == "?" {
-				fmt.Fprint(e.Stdout, createOptionsHelp)
-				return 0
+				help = true
+				continue
 			}
 			oargs = append(oargs, o.val)
 		case "c":
 			return fail(e, "", errors.New("compressed output (-c) is not supported"))
 		}
+	}
+	if help {
+		if dstFmt != fmtRaw && dstFmt != fmtQcow2 {
+			return fail(e, "", fmt.Errorf("Unknown file format '%s'", dstFmt))
+		}
+		fmt.Fprint(e.Stdout, optionsHelp(dstFmt))
+		return 0
 	}
 	if len(pos) != 2 {
 		return usageFail(e, "convert", "Expecting a source and a destination file name")
