@@ -307,6 +307,7 @@ func TestDebugAfterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The old process dies without unstaging.
+	processDied(td.Driver)
 
 	td2 := newTestDriver(t, dir)
 	h := td2.DebugHandler()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -392,6 +393,26 @@ func TestGroupSnapshot(t *testing.T) {
 	unstage(t, td, a.VolumeId)
 }
 
+// processDied closes the images a driver holds open, as the death of its
+// process does: a restart test's second driver runs in the same process,
+// and the image locks (qcow2 lock.go) of the first one's open devices
+// would refuse it, as they refuse a second node plugin on a live one.
+// Nothing is unstaged.
+func processDied(d *Driver) {
+	m := d.images
+	m.mu.Lock()
+	slots := maps.Clone(m.slots)
+	m.mu.Unlock()
+	for _, s := range slots {
+		s.mu.Lock()
+		if s.dev != nil {
+			s.dev.Close()
+			s.dev = nil
+		}
+		s.mu.Unlock()
+	}
+}
+
 // TestRestart: a driver restarted on the same directories answers for the
 // volumes made before (issue #6, "Must show").
 func TestRestart(t *testing.T) {
@@ -404,6 +425,7 @@ func TestRestart(t *testing.T) {
 	stage(t, td, keep.VolumeId)
 	data := writeZones(t, td, keep.VolumeId, mib)
 	// The old process dies without unstaging: only its files remain.
+	processDied(td.Driver)
 
 	td2 := newTestDriver(t, dir)
 	again := mustCreate(t, td2, "keep", 4*mib, p)

@@ -302,6 +302,7 @@ func TestExporterRecover(t *testing.T) {
 	data := writeZones(t, ed.testDriver, u.VolumeId, mib)
 
 	// Restart with ublk: Recover blocks in the zoned attacher.
+	processDied(ed.Driver)
 	gate := make(chan struct{})
 	ed2 := newExporterDriver(t, dir, true, gate)
 	ids := &identityServer{d: ed2.Driver}
@@ -344,6 +345,7 @@ func TestExporterRecover(t *testing.T) {
 	}
 
 	// Restart without ublk: the ublk volume's attachment cannot come back.
+	processDied(ed2.Driver)
 	ed3 := newExporterDriver(t, dir, false, nil)
 	st, err := ed3.node.d.node.get(u.VolumeId)
 	if err != nil || !st.Lost {

@@ -176,7 +176,8 @@ func (m *Images) peek(id string, fn func(im *qcow2.Image) error) error {
 }
 
 func openVolumeImage(path string, readOnly bool) (*qcow2.Image, error) {
-	im, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: readOnly, NoBacking: true})
+	// Read-only opens only peek at metadata: shared, like qemu-img info -U.
+	im, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: readOnly, ForceShare: readOnly, NoBacking: true})
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, errorf(ErrNotFound, "image %s does not exist", path)
 	}

@@ -485,7 +485,9 @@ func (m *Images) zoneSummary(id string) (*zoneSummary, error) {
 		reps = s.dev.Report(0, int(s.dev.Geometry().NrZones))
 		s.gate.RUnlock()
 	} else {
-		dev, err := zoned.Open(s.path, zoned.OpenOptions{ReadOnly: true})
+		// A summary is inspection: it must not fail (nor keep a writer
+		// out) while another process, e.g. `zq-csi img io`, has the image.
+		dev, err := zoned.Open(s.path, zoned.OpenOptions{ReadOnly: true, ForceShare: true})
 		if err != nil {
 			return nil, err
 		}

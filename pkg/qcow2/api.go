@@ -127,6 +127,7 @@ type Extent struct {
 type CheckOptions struct {
 	RepairLeaks bool // -r leaks: free clusters that nothing references
 	RepairAll   bool // -r all: also raise refcounts that are too low
+	ForceShare  bool // -U: check an image someone else has open (no repair)
 }
 
 // CheckResult mirrors qemu-img check's report. After a repair the image is

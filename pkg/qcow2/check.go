@@ -11,7 +11,7 @@ import (
 // with RepairAll it also raises those that are too low.
 func Check(path string, o CheckOptions) (*CheckResult, error) {
 	repair := o.RepairLeaks || o.RepairAll
-	im, err := Open(path, OpenOptions{ReadOnly: !repair, NoBacking: true, NoRepair: true})
+	im, err := Open(path, OpenOptions{ReadOnly: !repair, NoBacking: true, NoRepair: true, ForceShare: o.ForceShare && !repair})
 	if err != nil {
 		return nil, err
 	}
@@ -68,6 +68,79 @@ func (im *Image) checkLocked(o CheckOptions) (*CheckResult, error) {
 	if err != nil {
 		return res, err
 	}
+	// Like qemu-img (qcow2_check_refcounts): compare once reporting
+	// ("ERROR", "Leaked"), and when repairing and something differs,
+	// forget those counts and compare again, repairing ("Repairing").
+	var pre CheckResult
+	if o.RepairLeaks || o.RepairAll {
+		pre = *res
+		if err := im.compareRefcounts(refs, CheckOptions{}, res); err != nil {
+			return res, err
+		}
+		if res.Corruptions+res.Leaks > pre.Corruptions+pre.Leaks {
+			msgs := res.Messages
+			*res = pre
+			res.Messages = msgs
+			if err := im.compareRefcounts(refs, o, res); err != nil {
+				return res, err
+			}
+		}
+	} else if err := im.compareRefcounts(refs, o, res); err != nil {
+		return res, err
+	}
+	// COPIED flags of the active tables must agree with the refcounts.
+	for i, e := range im.l1 {
+		off := e & l1OffsetMask
+		if off == 0 {
+			continue
+		}
+		rc, err := im.refcount(off >> im.clusterBits)
+		if err != nil {
+			return res, err
+		}
+		if (rc == 1) != (e&oflagCopied != 0) {
+			res.Corruptions++
+			res.Messages = append(res.Messages, fmt.Sprintf("%s OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", repairWord(o), i, e, rc))
+			// qemu-img check -r all (check_oflag_copied): COPIED is set
+			// exactly when the refcount (repaired above) is 1.
+			if o.RepairAll {
+				if err := im.setL1(uint64(i), e^oflagCopied); err != nil {
+					return res, fmt.Errorf("repairing OFLAG_COPIED of L1 entry %d: %w", i, err)
+				}
+				res.CorruptionsFixed++
+			}
+		}
+		t, err := im.loadTable(im.l2cache, off)
+		if err != nil {
+			return res, err
+		}
+		for j := uint64(0); j < im.clusterSize/8; j++ {
+			le := l2Entry(binary.BigEndian.Uint64(t[j*8:]))
+			if k := le.kind(); (k == kindNormal || k == kindZero) && le.offset() != 0 {
+				rc, err := im.refcount(le.offset() >> im.clusterBits)
+				if err != nil {
+					return res, err
+				}
+				if (rc == 1) != le.copied() {
+					res.Corruptions++
+					res.Messages = append(res.Messages, fmt.Sprintf("%s OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", repairWord(o), uint64(le), rc))
+					if o.RepairAll {
+						if err := im.setL2(off, t, j, []l2Entry{le ^ oflagCopied}); err != nil {
+							return res, fmt.Errorf("repairing OFLAG_COPIED of L2 entry %d of the table at %d: %w", j, off, err)
+						}
+						res.CorruptionsFixed++
+					}
+				}
+			}
+		}
+	}
+	return res, nil
+}
+
+// compareRefcounts compares the stored refcounts with refs, also beyond
+// the file end where a refcount block covers clusters (the allocation
+// reserve lies there), adding to res and repairing what o allows.
+func (im *Image) compareRefcounts(refs []uint64, o CheckOptions, res *CheckResult) error {
 	// Compare with stored refcounts, also beyond the file end where a
 	// refcount block covers clusters.
 	limit := uint64(len(refs))
@@ -88,7 +161,7 @@ func (im *Image) checkLocked(o CheckOptions) (*CheckResult, error) {
 		}
 		stored, err := im.refcount(c)
 		if err != nil {
-			return res, err
+			return err
 		}
 		var want uint64
 		if c < uint64(len(refs)) {
@@ -114,7 +187,7 @@ func (im *Image) checkLocked(o CheckOptions) (*CheckResult, error) {
 		res.Messages = append(res.Messages, fmt.Sprintf("%s cluster %d refcount=%d reference=%d", word, c, stored, want))
 		if fix {
 			if err := im.addRefcount(c, 1, int64(want)-int64(stored)); err != nil {
-				return res, fmt.Errorf("repairing cluster %d: %w", c, err)
+				return fmt.Errorf("repairing cluster %d: %w", c, err)
 			}
 			if stored < want {
 				res.CorruptionsFixed++
@@ -123,39 +196,16 @@ func (im *Image) checkLocked(o CheckOptions) (*CheckResult, error) {
 			}
 		}
 	}
-	// COPIED flags of the active tables must agree with the refcounts.
-	for i, e := range im.l1 {
-		off := e & l1OffsetMask
-		if off == 0 {
-			continue
-		}
-		rc, err := im.refcount(off >> im.clusterBits)
-		if err != nil {
-			return res, err
-		}
-		if (rc == 1) != (e&oflagCopied != 0) {
-			res.Corruptions++
-			res.Messages = append(res.Messages, fmt.Sprintf("ERROR OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", i, e, rc))
-		}
-		t, err := im.loadTable(im.l2cache, off)
-		if err != nil {
-			return res, err
-		}
-		for j := uint64(0); j < im.clusterSize/8; j++ {
-			le := l2Entry(binary.BigEndian.Uint64(t[j*8:]))
-			if k := le.kind(); (k == kindNormal || k == kindZero) && le.offset() != 0 {
-				rc, err := im.refcount(le.offset() >> im.clusterBits)
-				if err != nil {
-					return res, err
-				}
-				if (rc == 1) != le.copied() {
-					res.Corruptions++
-					res.Messages = append(res.Messages, fmt.Sprintf("ERROR OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", uint64(le), rc))
-				}
-			}
-		}
+	return nil
+}
+
+// repairWord starts a problem line as qemu-img check does: "Repairing"
+// when the problem is being fixed, else "ERROR".
+func repairWord(o CheckOptions) string {
+	if o.RepairAll {
+		return "Repairing"
 	}
-	return res, nil
+	return "ERROR"
 }
 
 // countRefs computes the references every cluster should have.

@@ -91,8 +91,22 @@ func Create(path string, o CreateOptions) (warnings []string, err error) {
 		}
 	}
 
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	// Truncate only once the lock is ours: an existing image someone has
+	// open stays as it is (qemu's raw_co_create locks before truncating
+	// too), and a file we did not get to touch is not removed.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	created := err == nil
+	if errors.Is(err, os.ErrExist) {
+		f, err = os.OpenFile(path, os.O_RDWR, 0)
+	}
 	if err != nil {
+		return nil, err
+	}
+	if err := LockFileFor(f, OpenOptions{}); err != nil {
+		f.Close()
+		if created {
+			os.Remove(path)
+		}
 		return nil, err
 	}
 	defer func() {
@@ -101,6 +115,9 @@ func Create(path string, o CreateOptions) (warnings []string, err error) {
 			os.Remove(path)
 		}
 	}()
+	if err = f.Truncate(0); err != nil {
+		return nil, err
+	}
 	h := &header{
 		version:          uint32(o.Version),
 		clusterBits:      clusterBits,

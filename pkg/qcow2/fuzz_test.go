@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -45,7 +46,19 @@ func fuzzOpenOne(t *testing.T, data []byte) {
 	if err := os.WriteFile(p, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// Probing agrees with the parser: what it calls qcow2 has the magic
+	// (Open then succeeds or says why), what it calls raw never opens as
+	// qcow2, and a refusal is a FormatError at offset 0.
+	isQ, perr := Probe(data[:min(len(data), ProbeLen)])
+	var fe *FormatError
+	if perr != nil && (isQ || !errors.As(perr, &fe) || fe.Offset != 0) {
+		t.Fatalf("Probe = %v, %v: want a FormatError at offset 0 alone", isQ, perr)
+	}
 	im, err := Open(p, OpenOptions{ReadOnly: true, NoBacking: true})
+	if !isQ && err == nil {
+		im.Close()
+		t.Fatalf("Probe says not qcow2 (%v), but Open opened it", perr)
+	}
 	if err != nil {
 		return
 	}

@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
+	"syscall"
 )
 
 // backingReader is what an image reads unallocated clusters from.
@@ -32,7 +34,7 @@ func (r *rawFile) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 func (r *rawFile) Size() uint64 { return r.size }
-func (r *rawFile) Close() error { return r.f.Close() }
+func (r *rawFile) Close() error { unlockBytes(r.f); return r.f.Close() }
 
 // Image is an open qcow2 image. Its methods are safe for concurrent use.
 //
@@ -72,6 +74,7 @@ type Image struct {
 	metaClusters  map[uint64]metaRef // active L2 tables and refcount blocks by host cluster (overlap.go)
 	snapTableSize uint64             // bytes of the snapshot table
 	pool          allocPool          // clusters reserved for allocation (refcount.go)
+	failedIO      atomic.Bool        // a write path failed on the file: keep the dirty bit (noteFailure)
 	poolMax       uint64             // clusters reserved at a time; 0: no pool
 	rtTop         struct {           // cache of refBlocksEnd for a refcount table of n entries
 		n   int
@@ -89,12 +92,21 @@ func Open(path string, o OpenOptions) (*Image, error) {
 const maxBackingDepth = 16
 
 func openDepth(path string, o OpenOptions, depth int) (*Image, error) {
+	if o.ForceShare && !o.ReadOnly {
+		return nil, &OptionError{Name: "force-share", Value: "on", Rule: "can only be used with read-only images"}
+	}
 	flag := os.O_RDWR
 	if o.ReadOnly {
 		flag = os.O_RDONLY
 	}
 	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
+		return nil, err
+	}
+	// Lock before reading anything: a header read while another writer
+	// holds the image may be half-updated (lock.go).
+	if err := LockFileFor(f, o); err != nil {
+		f.Close()
 		return nil, err
 	}
 	im, err := openFile(f, path, o, depth)
@@ -111,6 +123,12 @@ type OpenOptions struct {
 	NoBacking bool // do not open the backing file; unallocated clusters read as zeros
 	// NoRepair opens a dirty image without rebuilding its refcounts (used by Check).
 	NoRepair bool
+	// ForceShare (qemu-img -U, read-only opens only) shares every
+	// permission with other openers: the image may be inspected while
+	// someone else writes it, at the price of reading a moving target.
+	// Without it a read-only open is refused while anyone writes the image,
+	// and a writable open while anyone else has it open (lock.go).
+	ForceShare bool
 }
 
 func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error) {
@@ -169,7 +187,7 @@ func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error)
 		if depth >= maxBackingDepth {
 			return nil, unsupportedf(offBackingOffset, "backing chain deeper than %d", maxBackingDepth)
 		}
-		if err := im.openBacking(depth); err != nil {
+		if err := im.openBacking(o, depth); err != nil {
 			return nil, err
 		}
 	}
@@ -205,7 +223,11 @@ func openFile(f *os.File, path string, o OpenOptions, depth int) (*Image, error)
 	return im, nil
 }
 
-func (im *Image) openBacking(depth int) error {
+// openBacking opens the backing file read-only, with the lock a read-only
+// open takes (qemu's backing children share no write either, block.c
+// bdrv_default_perms_for_cow), forcing share when the top image does.
+func (im *Image) openBacking(o OpenOptions, depth int) error {
+	bo := OpenOptions{ReadOnly: true, ForceShare: o.ForceShare}
 	name := im.h.backingFile
 	if !filepath.IsAbs(name) {
 		name = filepath.Join(filepath.Dir(im.path), name)
@@ -227,7 +249,7 @@ func (im *Image) openBacking(depth int) error {
 	}
 	switch fmtName {
 	case "qcow2":
-		b, err := openDepth(name, OpenOptions{ReadOnly: true}, depth+1)
+		b, err := openDepth(name, bo, depth+1)
 		if err != nil {
 			return fmt.Errorf("opening backing file %s: %w", name, err)
 		}
@@ -236,6 +258,10 @@ func (im *Image) openBacking(depth int) error {
 		b, err := os.Open(name)
 		if err != nil {
 			return fmt.Errorf("opening backing file: %w", err)
+		}
+		if err := LockFileFor(b, bo); err != nil {
+			b.Close()
+			return fmt.Errorf("opening backing file %s: %w", name, err)
 		}
 		st, err := b.Stat()
 		if err != nil {
@@ -463,6 +489,12 @@ func (im *Image) Close() error {
 			}
 		}
 		errs = append(errs, syncFile(im.f))
+		// A session whose writes failed on the file (ENOSPC, EIO) may
+		// have allocated clusters it never used: the dirty bit stays, so
+		// the next writable open repairs the refcounts (the leaks).
+		if im.failedIO.Load() || errors.Join(errs...) != nil {
+			im.dirtySet = false
+		}
 		if im.dirtySet {
 			im.h.incompatible &^= incDirty
 			errs = append(errs, im.writeHeaderField(offIncompatible, im.h.incompatible), syncFile(im.f))
@@ -470,6 +502,11 @@ func (im *Image) Close() error {
 	}
 	im.meta.Unlock()
 	im.closeBacking()
+	// Give up the lock bytes now: Go defers the close(2) itself while
+	// another goroutine is still inside a call on the file (a server's
+	// fsync for a client that just left), and an open that follows Close
+	// must not find the image still held.
+	unlockBytes(im.f)
 	errs = append(errs, im.f.Close())
 	return errors.Join(errs...)
 }
@@ -490,6 +527,18 @@ func (im *Image) writeHeaderField(off int64, v uint64) error {
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], v)
 	_, err := im.f.WriteAt(b[:], off)
+	return err
+}
+
+// noteFailure passes err on, remembering a failure of the file itself
+// (an errno: ENOSPC, EIO) in a write path, after which the refcounts may
+// count clusters nothing references; Close then leaves the dirty bit set.
+// Refusals (out of range, read-only, metadata overlap) are not failures.
+func (im *Image) noteFailure(err error) error {
+	var errno syscall.Errno
+	if err != nil && errors.As(err, &errno) {
+		im.failedIO.Store(true)
+	}
 	return err
 }
 

@@ -108,6 +108,10 @@ func (im *Image) mapBacking(pos, n uint64) ([]Extent, error) {
 // are EMPTY, nr_zones and the size change together in one header write, and
 // a write-pointer table that outgrows its clusters moves to new ones.
 func (im *Image) Resize(newSize uint64) error {
+	return im.noteFailure(im.resize(newSize))
+}
+
+func (im *Image) resize(newSize uint64) error {
 	if im.ro {
 		return ErrReadOnly
 	}

@@ -266,6 +266,7 @@ func canonicalName(k string) string {
 func ParseCreateOptions(opts []string, sizeArg string) (CreateOptions, error) {
 	var co CreateOptions
 	vals := map[string]string{}
+	spelled := map[string]string{} // canonical name -> the spelling that set it
 	for _, arg := range opts {
 		pairs, err := splitOptions(arg)
 		if err != nil {
@@ -276,7 +277,16 @@ func ParseCreateOptions(opts []string, sizeArg string) (CreateOptions, error) {
 			if !knownOptions[name] {
 				return co, &OptionError{Name: p.key, Value: p.val, Rule: "unknown option"}
 			}
+			// One spelling given twice is qemu-img's "the last one
+			// wins"; two spellings of one option with different values
+			// are a contradiction the user did not see, refused as the
+			// CSI server refuses it in StorageClass parameters.
+			if prev, ok := spelled[name]; ok && prev != p.key && vals[name] != p.val {
+				return co, &OptionError{Name: p.key, Value: p.val,
+					Rule: fmt.Sprintf("conflicts with %s=%s, the same option under another spelling", prev, vals[name])}
+			}
 			vals[name] = p.val
+			spelled[name] = p.key
 		}
 	}
 	bad := func(name, rule string) (CreateOptions, error) {

@@ -293,6 +293,10 @@ func TestParseCreateOptionsErrors(t *testing.T) {
 		{"max open zones overflow", []string{"zone.mode=host-managed,zone.max_open_zones=4294967296"}, "1G", "zone.max_open_zones", "4294967296"},
 		{"too many zones", []string{"zone.mode=host-managed,zone.size=1k,zone.max_append_bytes=0"}, "2G", "zone.size", "1k"},
 		{"zoned size 0", []string{"zone.mode=host-managed"}, "0", "size", "0"},
+		// Two spellings of one option with different values (issue 13,
+		// from 14): refused naming the second spelling; the rule names the first.
+		{"two spellings, one -o", []string{"zone.mode=host-managed,zone.max_open_zones=4,zone.max-open-zones=6"}, "1G", "zone.max-open-zones", "6"},
+		{"two spellings, two -o", []string{"zone.mode=host-managed,zone.conventional-zones=1", "zone.conventional_zones=2"}, "1G", "zone.conventional_zones", "2"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -343,4 +347,23 @@ func FuzzParseSize(f *testing.F) {
 			t.Fatalf("ParseSize(%q) accepted a negative value", s)
 		}
 	})
+}
+
+// TestParseCreateOptionsSpellings: the error for two spellings names both
+// spellings and both values; agreeing spellings and one spelling repeated
+// (qemu-img: the last wins) are accepted.
+func TestParseCreateOptionsSpellings(t *testing.T) {
+	_, err := ParseCreateOptions([]string{"zone.mode=host-managed,zone.max_open_zones=4,zone.max-open-zones=6"}, "1G")
+	for _, want := range []string{"zone.max_open_zones=4", "zone.max-open-zones=6"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v does not name %s", err, want)
+		}
+	}
+	co, err := ParseCreateOptions([]string{"zone.mode=host-managed,zone.max_open_zones=4,zone.max-open-zones=4,zone.max_active_zones=5", "zone.max_active_zones=6"}, "1G")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *co.Zoned.MaxOpenZones != 4 || *co.Zoned.MaxActiveZones != 6 {
+		t.Errorf("max_open %d max_active %d, want 4 and 6", *co.Zoned.MaxOpenZones, *co.Zoned.MaxActiveZones)
+	}
 }

@@ -3,7 +3,6 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
-	"syscall"
 )
 
 // Refcounts: a refcount table of block offsets, each refcount block an array
@@ -495,6 +494,5 @@ func (im *Image) freeClusters(c, n uint64) error {
 
 // punchHole deallocates file space; best effort (not every filesystem can).
 func (im *Image) punchHole(off, n uint64) {
-	const fallocKeepSize, fallocPunchHole = 0x01, 0x02
-	_ = syscall.Fallocate(int(im.f.Fd()), fallocKeepSize|fallocPunchHole, int64(off), int64(n))
+	_ = punchFileHole(im.f, int64(off), int64(n))
 }

@@ -172,6 +172,11 @@ func (im *Image) readCluster(e l2Entry, gpos uint64, c []byte) error {
 
 // WriteAt writes p at guest offset off.
 func (im *Image) WriteAt(p []byte, off int64) (int, error) {
+	n, err := im.writeAt(p, off)
+	return n, im.noteFailure(err)
+}
+
+func (im *Image) writeAt(p []byte, off int64) (int, error) {
 	if im.ro {
 		return 0, ErrReadOnly
 	}
@@ -419,6 +424,10 @@ func (im *Image) releaseEntries(old []l2Entry) error {
 // get the zero flag. Version 2 images, which have no zero flag, get zeros
 // written where a backing file would otherwise show through.
 func (im *Image) WriteZeroes(off, n int64, unmap bool) error {
+	return im.noteFailure(im.writeZeroes(off, n, unmap))
+}
+
+func (im *Image) writeZeroes(off, n int64, unmap bool) error {
 	if im.ro {
 		return ErrReadOnly
 	}

@@ -43,11 +43,15 @@ type Device struct {
 // OpenOptions control Open.
 type OpenOptions struct {
 	ReadOnly bool
+	// ForceShare (read-only only) opens the image while someone else
+	// writes it, as qemu-img -U does (qcow2.OpenOptions.ForceShare): a
+	// snapshot of the zones as of the open, which the writer then moves on.
+	ForceShare bool
 }
 
 // Open opens the zoned image at path.
 func Open(path string, o OpenOptions) (*Device, error) {
-	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: o.ReadOnly})
+	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: o.ReadOnly, ForceShare: o.ForceShare})
 	if err != nil {
 		return nil, err
 	}

@@ -484,7 +484,8 @@ func TestRecoverAfterCrash(t *testing.T) {
 		select {}
 	}
 	a := newAttacher(t)
-	_, path := zonedVolume(t, 2)
+	zb, path := zonedVolume(t, 2)
+	zb.D.Close() // the child opens it (the image lock admits one writer)
 	cmd := exec.Command(os.Args[0], "-test.run=^TestRecoverAfterCrash$")
 	cmd.Env = append(os.Environ(), "ZQ_FUSELOOP_CHILD="+a.dir, "ZQ_FUSELOOP_IMAGE="+path)
 	stdout, err := cmd.StdoutPipe()

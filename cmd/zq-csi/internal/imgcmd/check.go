@@ -2,6 +2,7 @@ package imgcmd
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
@@ -52,6 +53,8 @@ func runCheck(e Env, args []string) int {
 			want = o.val
 		case "q":
 			quiet = true
+		case "U", "force-share":
+			co.ForceShare = true
 		case "r":
 			switch o.val {
 			case "leaks":
@@ -72,7 +75,10 @@ func runCheck(e Env, args []string) int {
 		return usageFail(e, "check", "Expecting one image file name")
 	}
 	file := pos[0]
-	format, err := resolveFormat(file, want)
+	if co.ForceShare && co.RepairLeaks {
+		return fail(e, file, errors.New("force-share=on can only be used with read-only images"))
+	}
+	format, _, err := resolveFormat(file, want)
 	if err != nil {
 		return fail(e, file, err)
 	}

@@ -53,6 +53,20 @@ const createOptionsHelp = `Supported options:
 The zone options also have QAPI spellings with dashes (zone.max-open-zones, ...).
 `
 
+// rawOptionsHelp is what -o help lists for the raw format: its one option
+// (qemu-img create -f raw -o help lists size alone too).
+const rawOptionsHelp = `Supported raw options:
+  size=<size>                      Virtual disk size
+`
+
+// optionsHelp returns the -o help text of an output format.
+func optionsHelp(format string) string {
+	if format == fmtRaw {
+		return rawOptionsHelp
+	}
+	return createOptionsHelp
+}
+
 func runCreate(e Env, args []string) int {
 	opts, pos, code, done := parseArgs(e, "create", args, optSpec{short: "f:o:b:F:uq"})
 	if done {
@@ -64,6 +78,7 @@ func runCreate(e Env, args []string) int {
 		backing       string
 		backingFmt    string
 		unsafe, quiet bool
+		help          bool
 	)
 	for _, o := range opts {
 		switch o.name {
@@ -71,8 +86,8 @@ func runCreate(e Env, args []string) int {
 			format = o.val
 		case "o":
 			if o.val == "help" || o.val == "?" {
-				fmt.Fprint(e.Stdout, createOptionsHelp)
-				return 0
+				help = true // answered once -f is known, wherever it stands
+				continue
 			}
 			oargs = append(oargs, o.val)
 		case "b":
@@ -84,6 +99,13 @@ func runCreate(e Env, args []string) int {
 		case "q":
 			quiet = true
 		}
+	}
+	if help {
+		if format != fmtRaw && format != fmtQcow2 {
+			return fail(e, "", fmt.Errorf("Unknown file format '%s'", format))
+		}
+		fmt.Fprint(e.Stdout, optionsHelp(format))
+		return 0
 	}
 	if len(pos) < 1 {
 		return usageFail(e, "create", "Expecting image file name")
@@ -169,7 +191,7 @@ func hasSizeOption(oargs []string) bool {
 
 // probeBacking returns the format and virtual size of a backing file.
 func probeBacking(path, want string) (string, uint64, error) {
-	f, err := resolveFormat(path, want)
+	f, _, err := resolveFormat(path, want)
 	if err != nil {
 		return "", 0, err
 	}
@@ -257,8 +279,19 @@ func createRaw(e Env, file string, oargs []string, sizeArg string, quiet bool) i
 	if !quiet {
 		fmt.Fprintf(e.Stdout, "Formatting '%s', fmt=raw size=%d\n", file, co.Size)
 	}
-	f, err := os.OpenFile(file, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	// As qcow2.Create: an existing file is truncated only under the
+	// writer's lock (qemu's raw_co_create), so an image someone has open
+	// is refused, not destroyed.
+	f, err := os.OpenFile(file, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
+		return fail(e, file, err)
+	}
+	if err := qcow2.LockFileFor(f, qcow2.OpenOptions{}); err != nil {
+		f.Close()
+		return fail(e, file, err)
+	}
+	if err := f.Truncate(0); err != nil {
+		f.Close()
 		return fail(e, file, err)
 	}
 	if err := f.Truncate(int64(co.Size)); err != nil {

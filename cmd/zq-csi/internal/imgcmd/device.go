@@ -1,11 +1,11 @@
 package imgcmd
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"syscall"
 
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
 	"github.com/zq-csi/zq-csi/pkg/zoned"
@@ -16,45 +16,80 @@ const (
 	fmtRaw   = "raw"
 )
 
-var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
+// probeWarning is what qemu prints when it guesses raw for an image opened
+// for writing (block.c, bdrv_open_inherit).
+const probeWarning = `WARNING: Image format was not specified for '%s' and probing guessed raw.
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
+         Specify the 'raw' format explicitly to remove the restrictions.
+`
 
-// detectFormat looks at the magic: qcow2 images start with "QFI\xfb", all
-// other files are raw (as qemu-img's probing concludes for our two formats).
+// detectFormat probes path: qcow2 images start with "QFI\xfb", a file
+// whose first bytes are a qcow2 header under a damaged magic is refused
+// (qcow2.Probe), all other files are raw.
 func detectFormat(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", err
 	}
 	defer f.Close()
-	var m [4]byte
-	n, err := io.ReadFull(f, m[:])
+	b := make([]byte, qcow2.ProbeLen)
+	n, err := io.ReadFull(f, b)
 	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
 		return "", err
 	}
-	if n == 4 && bytes.Equal(m[:], qcow2Magic) {
+	q, err := qcow2.Probe(b[:n])
+	switch {
+	case err != nil:
+		return "", err
+	case q:
 		return fmtQcow2, nil
 	}
 	return fmtRaw, nil
 }
 
 // resolveFormat checks a -f argument against the file, or detects it.
-func resolveFormat(path, want string) (string, error) {
-	got, err := detectFormat(path)
-	if err != nil {
-		return "", err
-	}
+// guessed reports that the format was probed and found raw: such a device
+// is restricted as qemu restricts it (see rawDevice.probed).
+func resolveFormat(path, want string) (format string, guessed bool, err error) {
 	switch want {
 	case "":
-		return got, nil
+		got, err := detectFormat(path)
+		return got, got == fmtRaw, err
 	case fmtQcow2:
-		if got != fmtQcow2 {
-			return "", errors.New("Image is not in qcow2 format")
+		got, err := detectFormat(path)
+		if err == nil && got != fmtQcow2 {
+			err = errors.New("Image is not in qcow2 format")
 		}
-		return fmtQcow2, nil
+		return fmtQcow2, false, err
 	case fmtRaw:
-		return fmtRaw, nil
+		// The user said raw: no probing (a damaged qcow2 header may be
+		// read and written as raw bytes on purpose).
+		if _, err := os.Stat(path); err != nil {
+			return "", false, err
+		}
+		return fmtRaw, false, nil
 	}
-	return "", fmt.Errorf("Unknown file format '%s'", want)
+	return "", false, fmt.Errorf("Unknown file format '%s'", want)
+}
+
+// openMode is how a command opens an image.
+type openMode struct {
+	format     string    // -f: "" probes
+	readOnly   bool      // -r, or a command that only reads
+	forceShare bool      // -U: share every permission (read-only only)
+	warn       io.Writer // where the probing warning goes (nil: nowhere)
+}
+
+func (m openMode) qcow2() qcow2.OpenOptions {
+	return qcow2.OpenOptions{ReadOnly: m.readOnly, ForceShare: m.forceShare}
+}
+
+// checkShare refuses -U on a writable open, as qemu-img and qemu-io do.
+func (m openMode) checkShare() error {
+	if m.forceShare && !m.readOnly {
+		return errors.New("force-share=on can only be used with read-only images")
+	}
+	return nil
 }
 
 // device is what the io, convert and map commands need from an image.
@@ -71,39 +106,71 @@ type device interface {
 
 var _ device = (*qcow2.Image)(nil)
 
-// openDevice opens path in format f ("" detects it).
-func openDevice(path, f string, readOnly bool) (device, string, error) {
-	f, err := resolveFormat(path, f)
+// openDevice opens path as m says.
+func openDevice(path string, m openMode) (device, string, error) {
+	if err := m.checkShare(); err != nil {
+		return nil, "", err
+	}
+	f, guessed, err := resolveFormat(path, m.format)
 	if err != nil {
 		return nil, "", err
 	}
 	if f == fmtQcow2 {
-		im, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: readOnly})
+		im, err := qcow2.Open(path, m.qcow2())
 		if err != nil {
 			return nil, "", err
 		}
 		return im, f, nil
 	}
-	rd, err := openRaw(path, readOnly)
-	return rd, f, err
+	rd, err := openRaw(path, m)
+	if err != nil {
+		return nil, "", err
+	}
+	if guessed && !m.readOnly {
+		rd.probed = true
+		if m.warn != nil {
+			fmt.Fprintf(m.warn, probeWarning, path)
+		}
+	}
+	return rd, f, nil
 }
 
 // rawDevice is a plain file used as a disk.
 type rawDevice struct {
 	f        *os.File
 	readOnly bool
+	// probed: the format was guessed, so a write must not make block 0
+	// look like another format (qemu's raw driver: raw_co_pwritev refuses
+	// with EPERM a write that would change what probing finds).
+	probed bool
 }
 
-func openRaw(path string, readOnly bool) (*rawDevice, error) {
+// openRaw opens a raw image with the lock qemu's file-posix driver takes
+// for it (the same bytes as for a qcow2 image: qcow2.LockFileFor).
+func openRaw(path string, m openMode) (*rawDevice, error) {
 	flag := os.O_RDWR
-	if readOnly {
+	if m.readOnly {
 		flag = os.O_RDONLY
 	}
 	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
 		return nil, err
 	}
-	return &rawDevice{f: f, readOnly: readOnly}, nil
+	if err := qcow2.LockFileFor(f, m.qcow2()); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &rawDevice{f: f, readOnly: m.readOnly}, nil
+}
+
+// lockRaw opens and locks path as openRaw would, for commands that only
+// stat a raw image (info): close the file when done.
+func lockRaw(path string, m openMode) (*os.File, error) {
+	rd, err := openRaw(path, m)
+	if err != nil {
+		return nil, err
+	}
+	return rd.f, nil
 }
 
 func (r *rawDevice) Size() uint64 {
@@ -122,9 +189,32 @@ func (r *rawDevice) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
-func (r *rawDevice) WriteAt(p []byte, off int64) (int, error) { return r.f.WriteAt(p, off) }
-func (r *rawDevice) Flush() error                             { return r.f.Sync() }
-func (r *rawDevice) Close() error                             { return r.f.Close() }
+func (r *rawDevice) WriteAt(p []byte, off int64) (int, error) {
+	if r.probed && off < qcow2.ProbeLen && len(p) > 0 {
+		if err := r.checkProbe(p, off); err != nil {
+			return 0, err
+		}
+	}
+	return r.f.WriteAt(p, off)
+}
+
+// checkProbe refuses a write into the probed bytes of a guessed-raw image
+// after which the image would no longer probe as raw.
+func (r *rawDevice) checkProbe(p []byte, off int64) error {
+	head := make([]byte, qcow2.ProbeLen)
+	n, err := r.f.ReadAt(head, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	head = head[:max(n, int(min(off+int64(len(p)), qcow2.ProbeLen)))]
+	copy(head[off:], p)
+	if q, err := qcow2.Probe(head); q || err != nil {
+		return syscall.EPERM
+	}
+	return nil
+}
+func (r *rawDevice) Flush() error { return r.f.Sync() }
+func (r *rawDevice) Close() error { return r.f.Close() }
 
 // Discard punches a hole where the system can, so the range reads as zeros
 // either way (qemu's raw driver does the same with discard=unmap).
@@ -147,8 +237,12 @@ func (r *rawDevice) WriteZeroes(off, n int64, unmap bool) error {
 }
 
 // isZoned reports whether path is a qcow2 image with the zoned extension.
+//
+// It only peeks at the header, so it shares everything: whether the image
+// may be opened as asked is for the open that follows to find out (and
+// report with the lock qemu would name).
 func isZoned(path string) (bool, error) {
-	im, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: true, NoBacking: true})
+	im, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: true, NoBacking: true, ForceShare: true})
 	if err != nil {
 		return false, err
 	}
@@ -159,8 +253,11 @@ func isZoned(path string) (bool, error) {
 // openIODevice opens path for "img io": a zoned image through the zone
 // engine, so that every read, write and discard follows the zone rules,
 // anything else as openDevice does. zdev is nil unless the image is zoned.
-func openIODevice(path, f string, readOnly bool) (dev device, zdev *zoned.Device, err error) {
-	f, err = resolveFormat(path, f)
+func openIODevice(path string, m openMode) (dev device, zdev *zoned.Device, err error) {
+	if err := m.checkShare(); err != nil {
+		return nil, nil, err
+	}
+	f, _, err := resolveFormat(path, m.format)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -170,14 +267,14 @@ func openIODevice(path, f string, readOnly bool) (dev device, zdev *zoned.Device
 			return nil, nil, err
 		}
 		if z {
-			zd, err := zoned.Open(path, zoned.OpenOptions{ReadOnly: readOnly})
+			zd, err := zoned.Open(path, zoned.OpenOptions{ReadOnly: m.readOnly, ForceShare: m.forceShare})
 			if err != nil {
 				return nil, nil, err
 			}
 			return zonedDevice{zd}, zd, nil
 		}
 	}
-	dev, _, err = openDevice(path, f, readOnly)
+	dev, _, err = openDevice(path, m)
 	return dev, nil, err
 }
 

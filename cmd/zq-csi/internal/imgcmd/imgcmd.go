@@ -40,6 +40,7 @@ func init() {
 		"info":    {runInfo, "show information about an image", infoUsage},
 		"check":   {runCheck, "check (and repair) the consistency of an image", checkUsage},
 		"convert": {runConvert, "convert an image to raw or qcow2", convertUsage},
+		"compare": {runCompare, "compare the contents of two images", compareUsage},
 		"resize":  {runResize, "change the virtual size of an image", resizeUsage},
 		"map":     {runMap, "dump the allocation map of an image", mapUsage},
 		"io":      {runIO, "run qemu-io style commands on an image", ioUsage},

@@ -77,6 +77,31 @@ func TestCreateOptionsHelp(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "zone.max_append_bytes") {
 		t.Errorf("create -o help: exit %d, %q", code, out)
 	}
+	// The raw format lists only what it accepts (issue 13, from 14): the
+	// size, as qemu-img create -f raw -o help does.
+	for _, args := range [][]string{
+		{"create", "-f", "raw", "-o", "help"},
+		{"create", "-o", "help", "-f", "raw"},
+		{"convert", "-O", "raw", "-o", "help"},
+	} {
+		out, _, code := runImg(t, args...)
+		if code != 0 || out != rawOptionsHelp || strings.Contains(out, "cluster_size") || strings.Contains(out, "zone.") {
+			t.Errorf("%q: exit %d, %q", args, code, out)
+		}
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n")[1:] {
+			name, _, _ := strings.Cut(strings.TrimSpace(l), "=")
+			o := name + "=1M"
+			if name != "size" {
+				o = name + "=x"
+			}
+			if _, _, c := runImg(t, "create", "-f", "raw", "-o", o, filepath.Join(t.TempDir(), "r.raw")); c != 0 {
+				t.Errorf("%q lists %s, which create -f raw refuses", args, name)
+			}
+		}
+	}
+	if out, _, _ := runImg(t, "convert", "-O", "qcow2", "-o", "help"); !strings.Contains(out, "zone.size") {
+		t.Errorf("convert -O qcow2 -o help: %q", out)
+	}
 }
 
 // TestRawImage exercises the format-independent plumbing on a raw file.
@@ -181,5 +206,18 @@ func TestRawImage(t *testing.T) {
 	}
 	if _, errOut, code := runImg(t, "check", img); code != 63 || !strings.Contains(errOut, "does not support checks") {
 		t.Errorf("check raw: exit %d, %q", code, errOut)
+	}
+}
+
+// TestCreateTwoSpellings: two spellings of one option with different
+// values are refused naming both, and nothing is created (issue 13, from 14).
+func TestCreateTwoSpellings(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "z.qcow2")
+	_, errOut, code := runImg(t, "create", "-f", "qcow2", "-o", "zone.mode=host-managed,zone.max_open_zones=4,zone.max-open-zones=6", img, "1G")
+	if code != 1 || !strings.Contains(errOut, "zone.max_open_zones=4") || !strings.Contains(errOut, "zone.max-open-zones=6") {
+		t.Errorf("exit %d, %q", code, errOut)
+	}
+	if _, err := os.Stat(img); !os.IsNotExist(err) {
+		t.Errorf("the refused create left %s: %v", img, err)
 	}
 }

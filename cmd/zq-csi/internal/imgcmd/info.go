@@ -113,9 +113,11 @@ func runInfo(e Env, args []string) int {
 	if done {
 		return code
 	}
-	want, output := "", "human"
+	want, output, share := "", "human", false
 	for _, o := range opts {
 		switch o.name {
+		case "U", "force-share":
+			share = true
 		case "f":
 			want = o.val
 		case "output":
@@ -129,17 +131,20 @@ func runInfo(e Env, args []string) int {
 		return usageFail(e, "info", "Expecting one image file name")
 	}
 	file := pos[0]
-	format, err := resolveFormat(file, want)
+	format, _, err := resolveFormat(file, want)
 	if err != nil {
 		return fail(e, file, err)
 	}
+	mode := openMode{format: format, readOnly: true, forceShare: share}
 	fi, err := os.Stat(file)
 	if err != nil {
 		return fail(e, file, err)
 	}
 	ji := jsonInfo{Filename: file, Format: format, ActualSize: diskUsage(fi), VirtualSize: uint64(fi.Size())}
 	if format == fmtQcow2 {
-		im, err := qcow2.Open(file, qcow2.OpenOptions{ReadOnly: true, NoBacking: true})
+		o := mode.qcow2()
+		o.NoBacking = true
+		im, err := qcow2.Open(file, o)
 		if err != nil {
 			return fail(e, file, fmt.Errorf("Could not open '%s': %w", file, err))
 		}
@@ -148,7 +153,7 @@ func runInfo(e Env, args []string) int {
 		_ = im.Close()
 		fillQcow2Info(&ji, info)
 		if ji.Zoned != nil {
-			if err := fillZones(ji.Zoned, file, e.Stderr); err != nil {
+			if err := fillZones(ji.Zoned, file, share, e.Stderr); err != nil {
 				return fail(e, file, fmt.Errorf("Could not open '%s': %w", file, err))
 			}
 		}
@@ -210,8 +215,8 @@ func fillQcow2Info(ji *jsonInfo, info qcow2.Info) {
 
 // fillZones reports every zone through the zone engine, opened read-only
 // so that info never changes the image.
-func fillZones(z *jsonZoned, file string, warn io.Writer) error {
-	d, err := zoned.Open(file, zoned.OpenOptions{ReadOnly: true})
+func fillZones(z *jsonZoned, file string, share bool, warn io.Writer) error {
+	d, err := zoned.Open(file, zoned.OpenOptions{ReadOnly: true, ForceShare: share})
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -23,6 +24,7 @@ Run qemu-io style commands on an image. Each -c gives one command; without
 1 if any command failed.
 
   -r          open the image read-only
+  -U          force shared permissions (with -r): read an image someone else writes
   -f FMT      qcow2 or raw (detected when omitted)
   -c COMMAND  a command, e.g. -c 'write -P 0xab 0 64k'
 
@@ -67,8 +69,8 @@ func registerIOCommand(c ioCommand) {
 func init() {
 	registerIOCommand(ioCommand{name: "read", aliases: []string{"r"}, args: "[-qv] [-P pattern] off len",
 		oneline: "reads a number of bytes at a specified offset", opts: "P:qv", nargs: 2, run: ioRead})
-	registerIOCommand(ioCommand{name: "write", aliases: []string{"w"}, args: "[-fqu] [-P pattern | -z] off len",
-		oneline: "writes a number of bytes at a specified offset", opts: "P:zufq", nargs: 2, write: true, run: ioWrite})
+	registerIOCommand(ioCommand{name: "write", aliases: []string{"w"}, args: "[-fqu] [-P pattern | -s file | -z] off len",
+		oneline: "writes a number of bytes at a specified offset", opts: "P:s:zufq", nargs: 2, write: true, run: ioWrite})
 	registerIOCommand(ioCommand{name: "discard", aliases: []string{"d"}, args: "[-q] off len",
 		oneline: "discards a number of bytes at a specified offset", opts: "q", nargs: 2, write: true, run: ioDiscard})
 	registerIOCommand(ioCommand{name: "flush", aliases: []string{"f"},
@@ -103,9 +105,11 @@ func runIO(e Env, args []string) int {
 		return code
 	}
 	var cmds []string
-	want, readOnly := "", false
+	want, readOnly, share := "", false, false
 	for _, o := range opts {
 		switch o.name {
+		case "U":
+			share = true
 		case "r":
 			readOnly = true
 		case "f":
@@ -118,7 +122,7 @@ func runIO(e Env, args []string) int {
 		return usageFail(e, "io", "Expecting one image file name")
 	}
 	file := pos[0]
-	dev, zdev, err := openIODevice(file, want, readOnly)
+	dev, zdev, err := openIODevice(file, openMode{format: want, readOnly: readOnly, forceShare: share, warn: e.Stderr})
 	if err != nil {
 		fmt.Fprintf(e.Stderr, "%s io: can't open device %s: %v\n", prog, file, err)
 		return 1
@@ -310,8 +314,16 @@ func ioRead(s *ioSession, opts []opt, args []string) error {
 
 func ioWrite(s *ioSession, opts []opt, args []string) error {
 	pattern, haveP, zero, unmap, fua, quiet := byte(0xcd), false, false, false, false, false
+	var patFile []byte // -s: the buffer is this file's content, repeated (qemu-io's -s)
 	for _, o := range opts {
 		switch o.name {
+		case "s":
+			b, err := os.ReadFile(o.val)
+			if err != nil || len(b) == 0 {
+				fmt.Fprintf(s.out, "cannot use %s as a pattern file: %v\n", o.val, cmpErr(err, "it is empty"))
+				return errFailed
+			}
+			patFile = b
 		case "P":
 			p, ok := parsePattern(o.val)
 			if !ok {
@@ -329,9 +341,14 @@ func ioWrite(s *ioSession, opts []opt, args []string) error {
 			quiet = true
 		}
 	}
-	if zero && haveP {
-		fmt.Fprintln(s.out, "-P and -z cannot be specified at the same time")
-		return errFailed
+	for _, c := range []struct {
+		both bool
+		msg  string
+	}{{zero && haveP, "-P and -z"}, {zero && patFile != nil, "-s and -z"}, {haveP && patFile != nil, "-P and -s"}} {
+		if c.both {
+			fmt.Fprintln(s.out, c.msg+" cannot be specified at the same time")
+			return errFailed
+		}
 	}
 	if unmap && !zero {
 		fmt.Fprintln(s.out, "-u requires -z to be specified")
@@ -358,6 +375,9 @@ func ioWrite(s *ioSession, opts []opt, args []string) error {
 			chunk = max(n, 1)
 		}
 		buf := bytes.Repeat([]byte{pattern}, int(min(n, chunk)))
+		if patFile != nil {
+			buf = bytes.Repeat(patFile, int(n)/len(patFile)+1)[:n]
+		}
 		for done := int64(0); done < n; {
 			c := min(n-done, int64(len(buf)))
 			if _, err := s.dev.WriteAt(buf[:c], off+done); err != nil {
@@ -440,4 +460,12 @@ func ioHelp(s *ioSession, _ []opt, args []string) error {
 	}
 	fmt.Fprintln(s.out, "\nUse 'help commandname' for extended help.")
 	return nil
+}
+
+// cmpErr is err, or a new error saying why when err is nil.
+func cmpErr(err error, why string) error {
+	if err != nil {
+		return err
+	}
+	return errors.New(why)
 }

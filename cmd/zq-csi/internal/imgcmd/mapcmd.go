@@ -29,9 +29,12 @@ func runMap(e Env, args []string) int {
 	want, output := "", "human"
 	var start, maxLen uint64
 	haveMax := false
+	share := false
 	for _, o := range opts {
 		var err error
 		switch o.name {
+		case "U", "force-share":
+			share = true
 		case "f":
 			want = o.val
 		case "output":
@@ -50,14 +53,15 @@ func runMap(e Env, args []string) int {
 		return usageFail(e, "map", "Expecting one image file name")
 	}
 	file := pos[0]
-	format, err := resolveFormat(file, want)
+	format, _, err := resolveFormat(file, want)
+	mode := openMode{format: format, readOnly: true, forceShare: share}
 	if err != nil {
 		return fail(e, file, err)
 	}
 	var exts []qcow2.Extent
 	var size uint64
 	if format == fmtQcow2 {
-		im, err := qcow2.Open(file, qcow2.OpenOptions{ReadOnly: true})
+		im, err := qcow2.Open(file, mode.qcow2())
 		if err != nil {
 			return fail(e, file, fmt.Errorf("Could not open '%s': %w", file, err))
 		}

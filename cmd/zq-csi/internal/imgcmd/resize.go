@@ -54,7 +54,7 @@ func runResize(e Env, args []string) int {
 	if err != nil {
 		return fail(e, "", fmt.Errorf("Invalid image size specified: %w", err))
 	}
-	format, err := resolveFormat(file, want)
+	format, _, err := resolveFormat(file, want)
 	if err != nil {
 		return fail(e, file, err)
 	}

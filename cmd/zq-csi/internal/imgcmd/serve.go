@@ -168,7 +168,7 @@ func runServe(e Env, args []string) int {
 // openServeBackend opens a qcow2 image as an NBD backend: a zoned one
 // through the zone engine, any other as a plain image.
 func openServeBackend(file, want string, readOnly bool, warn io.Writer) (nbdattach.Backend, func() error, error) {
-	f, err := resolveFormat(file, want)
+	f, _, err := resolveFormat(file, want)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -53,3 +53,11 @@ func diskUsage(fi os.FileInfo) int64 {
 	}
 	return fi.Size()
 }
+
+// inode is the inode number of fi, for messages.
+func inode(fi os.FileInfo) uint64 {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return st.Ino
+	}
+	return 0
+}

@@ -17,3 +17,5 @@ func dataRanges(f *os.File, size int64) ([][2]int64, error) {
 }
 
 func diskUsage(fi os.FileInfo) int64 { return fi.Size() }
+
+func inode(fi os.FileInfo) uint64 { return 0 }

@@ -132,7 +132,7 @@ func runMain(args ...string) (code int, stdout, stderr string) {
 }
 
 // TestZonesMatchesImageTool: `zq-csi volume zones` of a staged volume
-// prints what `zq-csi img io -r -c "zrp 0 8"` prints for its image (no
+// prints what `zq-csi img io -r -U -c "zrp 0 8"` prints for its image (no
 // write since staging, so the image holds the live state), and the
 // expected write pointers in sectors.
 func TestZonesMatchesImageTool(t *testing.T) {
@@ -144,7 +144,7 @@ func TestZonesMatchesImageTool(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, errOut)
 	}
 	var ref bytes.Buffer
-	if c := imgcmd.Main([]string{"io", "-r", "-c", "zrp 0 8", image}, imgcmd.Env{Stdout: &ref, Stderr: &ref}); c != 0 {
+	if c := imgcmd.Main([]string{"io", "-r", "-U", "-c", "zrp 0 8", image}, imgcmd.Env{Stdout: &ref, Stderr: &ref}); c != 0 {
 		t.Fatalf("img io: %d %s", c, ref.String())
 	}
 	if out != ref.String() {
