@@ -140,7 +140,14 @@ func strerror(err error) string {
 	if errno != 0 || errors.As(err, &errno) {
 		s := errno.Error()
 		if s != "" {
-			return strings.ToUpper(s[:1]) + s[1:]
+			s = strings.ToUpper(s[:1]) + s[1:]
+			// The errno is what qemu-io would print; what limit was hit
+			// follows, since "Too many references: cannot splice" alone
+			// tells a user nothing.
+			if ze != nil && ze.Limit != "" {
+				s += " (" + ze.Limit + ")"
+			}
+			return s
 		}
 	}
 	return err.Error()

@@ -168,3 +168,22 @@ func TestClampedLimitsWarn(t *testing.T) {
 		t.Errorf("info shows the header as it is; got %s", out)
 	}
 }
+
+// The errno text a zone-limit refusal prints is followed by the limit
+// that was hit (issue 14: "Too many references: cannot splice" alone told
+// a user nothing).
+func TestZoneLimitErrorNamesLimit(t *testing.T) {
+	for _, tc := range []struct{ active, want string }{
+		{"3", "zone open failed: Too many references: cannot splice (max_open_zones=2 reached: all 2 open zones are explicitly open, none can be closed implicitly)"},
+		{"2", "zone open failed: Value too large for defined data type (max_active_zones=2 reached: 2 open, 0 closed: zones 0 EXP_OPEN, 1 EXP_OPEN)"},
+	} {
+		img := filepath.Join(t.TempDir(), "z.qcow2")
+		if _, _, code := runImg(t, "create", "-f", "qcow2", "-o", "zone.mode=host-managed,zone.size=4M,zone.max_open_zones=2,zone.max_active_zones="+tc.active, img, "32M"); code != 0 {
+			t.Fatal("create failed")
+		}
+		out, _, _ := runImg(t, "io", "-c", "zo 0 4M", "-c", "zo 4M 4M", "-c", "zo 8M 4M", img)
+		if !strings.Contains(out, tc.want) {
+			t.Errorf("max_active_zones=%s: output lacks %q:\n%s", tc.active, tc.want, out)
+		}
+	}
+}
