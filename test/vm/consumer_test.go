@@ -395,21 +395,7 @@ func fioZbdVerify(bs uint64, withConv bool) func(t *testing.T, g consumerGeom, s
 		if withConv {
 			off, size = 0, g.size
 		}
-		jobs := uint64(4)
-		band := (size / jobs) / g.zs * g.zs
-		// At most 48 MiB per job under TCG.
-		write := min(band, max(g.zs, 48<<20/g.zs*g.zs))
-		args := []string{"--name=zbdv", "--rw=write", fmt.Sprintf("--bs=%d", bs), "--iodepth=16", fmt.Sprintf("--numjobs=%d", jobs),
-			fmt.Sprintf("--offset=%d", off), fmt.Sprintf("--offset_increment=%d", band), fmt.Sprintf("--size=%d", write),
-			"--verify=crc32c", "--do_verify=1"}
-		if g.maxOpen > 0 {
-			args = append(args, fmt.Sprintf("--max_open_zones=%d", g.maxOpen))
-		}
-		out, err := fioZbd(s.path, args...)
-		if err != nil {
-			t.Logf("fio on %s:\n%s", s.path, out)
-		}
-		return err
+		return fioBands(t, g, s, off, size, bs, 4, "--verify=crc32c", "--do_verify=1")
 	}
 }
 
@@ -418,20 +404,27 @@ func fioZbdVerify(bs uint64, withConv bool) func(t *testing.T, g consumerGeom, s
 func fioZbdPlain(bs, jobs uint64) func(t *testing.T, g consumerGeom, s *zoneDev) error {
 	return func(t *testing.T, g consumerGeom, s *zoneDev) error {
 		off, size := seqRegion(g)
-		band := (size / jobs) / g.zs * g.zs
-		write := min(band, max(g.zs, 48<<20/g.zs*g.zs))
-		args := []string{"--name=zbdp", "--rw=write", fmt.Sprintf("--bs=%d", bs), "--iodepth=16", fmt.Sprintf("--numjobs=%d", jobs),
-			fmt.Sprintf("--offset=%d", off), fmt.Sprintf("--offset_increment=%d", band), fmt.Sprintf("--size=%d", write),
-			"--scramble_buffers=0", "--buffer_pattern=" + fioPattern}
-		if g.maxOpen > 0 {
-			args = append(args, fmt.Sprintf("--max_open_zones=%d", g.maxOpen))
-		}
-		out, err := fioZbd(s.path, args...)
-		if err != nil {
-			t.Logf("fio on %s:\n%s", s.path, out)
-		}
-		return err
+		return fioBands(t, g, s, off, size, bs, jobs, "--scramble_buffers=0", "--buffer_pattern="+fioPattern)
 	}
+}
+
+// fioBands runs fio --zonemode=zbd sequential writes of bs, iodepth 16,
+// with jobs jobs each on its own band of [off, off+size), at most 48 MiB
+// per job under TCG, within the device's max_open_zones.
+func fioBands(t *testing.T, g consumerGeom, s *zoneDev, off, size, bs, jobs uint64, extra ...string) error {
+	band := (size / jobs) / g.zs * g.zs
+	write := min(band, max(g.zs, 48<<20/g.zs*g.zs))
+	args := []string{"--name=zbd", "--rw=write", fmt.Sprintf("--bs=%d", bs), "--iodepth=16", fmt.Sprintf("--numjobs=%d", jobs),
+		fmt.Sprintf("--offset=%d", off), fmt.Sprintf("--offset_increment=%d", band), fmt.Sprintf("--size=%d", write)}
+	args = append(args, extra...)
+	if g.maxOpen > 0 {
+		args = append(args, fmt.Sprintf("--max_open_zones=%d", g.maxOpen))
+	}
+	out, err := fioZbd(s.path, args...)
+	if err != nil {
+		t.Logf("fio on %s:\n%s", s.path, out)
+	}
+	return err
 }
 
 // fioPattern fills every block fioZbdPlain writes.

@@ -92,36 +92,26 @@ if [ ! -f "$KDIR/.complete" ]; then
 fi
 KREL=$(cat "$KDIR/release")
 say "kernel $KREL ($KPKG $KVER_PKG) from $KDIR"
-# btrfs and its dependencies for the zoned file system check on ublk,
-# added to a cache made before they were needed; optional.
-fetch_btrfs() {
+# Modules added to a cache made before they were needed, each set under
+# its own marker: btrfs (and what it needs) for the zoned file system check
+# on ublk; f2fs and zonefs (with lz4, crc32) for the consumer lane
+# (consumer_test.go). Optional: a missing one makes its tests fail loudly.
+fetch_modules() { # marker module-paths...
+  local mark=$1; shift
+  [ -f "$KDIR/$mark" ] && return 0
   local T; T=$(mktemp -d)
   (cd "$T" && apt-get download "$KPKG" >/dev/null 2>&1 && dpkg-deb -x ./*.deb x) || { rm -rf "$T"; return 1; }
-  (cd "$T/x/lib/modules/$KREL" && for m in fs/btrfs/btrfs crypto/xor lib/raid6/raid6_pq lib/libcrc32c crypto/crc32c_generic arch/x86/crypto/crc32c-intel; do
+  (cd "$T/x/lib/modules/$KREL" && for m in "$@"; do
      for f in kernel/$m.ko*; do if [ -f "$f" ]; then cp --parents "$f" "$KDIR/modules/$KREL/"; fi; done
    done)
   rm -rf "$T"
   find "$KDIR/modules" -name '*.ko.xz' -exec xz -d {} + ; find "$KDIR/modules" -name '*.ko.zst' -exec zstd -q -d --rm {} +
-  ls "$KDIR/modules/$KREL/kernel/fs/btrfs/btrfs.ko" >/dev/null 2>&1
+  ls "$KDIR/modules/$KREL/kernel/$1.ko" >/dev/null 2>&1 && touch "$KDIR/$mark"
 }
-if [ ! -f "$KDIR/.btrfs" ]; then
-  if fetch_btrfs; then touch "$KDIR/.btrfs"; else say "btrfs module unavailable: the zoned file system check will be skipped"; fi
-fi
-# f2fs and zonefs (with what f2fs needs: lz4, crc32) for the consumer lane
-# (consumer_test.go), added to a cache made before they were needed.
-fetch_consumer_fs() {
-  local T; T=$(mktemp -d)
-  (cd "$T" && apt-get download "$KPKG" >/dev/null 2>&1 && dpkg-deb -x ./*.deb x) || { rm -rf "$T"; return 1; }
-  (cd "$T/x/lib/modules/$KREL" && for m in fs/f2fs/f2fs fs/zonefs/zonefs lib/lz4/lz4_compress lib/lz4/lz4hc_compress crypto/crc32_generic; do
-     for f in kernel/$m.ko*; do if [ -f "$f" ]; then cp --parents "$f" "$KDIR/modules/$KREL/"; fi; done
-   done)
-  rm -rf "$T"
-  find "$KDIR/modules" -name '*.ko.xz' -exec xz -d {} + ; find "$KDIR/modules" -name '*.ko.zst' -exec zstd -q -d --rm {} +
-  ls "$KDIR/modules/$KREL/kernel/fs/f2fs/f2fs.ko" >/dev/null 2>&1
-}
-if [ ! -f "$KDIR/.consumerfs" ]; then
-  if fetch_consumer_fs; then touch "$KDIR/.consumerfs"; else say "f2fs/zonefs modules unavailable: the consumer lane's f2fs and zonefs workloads will fail"; fi
-fi
+fetch_modules .btrfs fs/btrfs/btrfs crypto/xor lib/raid6/raid6_pq lib/libcrc32c crypto/crc32c_generic arch/x86/crypto/crc32c-intel ||
+  say "btrfs module unavailable: the zoned file system checks will fail"
+fetch_modules .consumerfs fs/f2fs/f2fs fs/zonefs/zonefs lib/lz4/lz4_compress lib/lz4/lz4hc_compress crypto/crc32_generic ||
+  say "f2fs/zonefs modules unavailable: the consumer lane's f2fs workloads will fail"
 
 # --- initramfs ---------------------------------------------------------------
 W=$(mktemp -d /tmp/zq-vm.XXXXXX)
