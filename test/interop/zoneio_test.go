@@ -136,9 +136,9 @@ func TestImgIOZoneResources(t *testing.T) {
 		"zrp 0 9",
 	))
 	diffLines(t, "resource errors", out, []string{
-		"zone open failed: Too many references: cannot splice",
-		"zone open failed: Value too large for defined data type",
-		"write failed: Value too large for defined data type",
+		"zone open failed: Too many references: cannot splice (max_open_zones=6 reached: all 6 open zones are explicitly open, none can be closed implicitly)",
+		"zone open failed: Value too large for defined data type (max_active_zones=8 reached: 6 open, 2 closed: zones 0 IMP_OPEN, 1 IMP_OPEN, 2 EXP_OPEN, 3 EXP_OPEN, 4 EXP_OPEN, 5 EXP_OPEN, 6 CLOSED, 7 CLOSED)",
+		"write failed: Value too large for defined data type (max_active_zones=8 reached: 6 open, 2 closed: zones 0 IMP_OPEN, 1 IMP_OPEN, 2 EXP_OPEN, 3 EXP_OPEN, 4 EXP_OPEN, 5 EXP_OPEN, 6 CLOSED, 7 CLOSED)",
 		zrpLine(0, 4096, 2), zrpLine(1, seedZoneSize+4096, 2),
 		zrpLine(2, 2*seedZoneSize, 3), zrpLine(3, 3*seedZoneSize, 3),
 		zrpLine(4, 4*seedZoneSize, 3), zrpLine(5, 5*seedZoneSize, 3),
