@@ -39,8 +39,16 @@ fuzz: ## run each fuzz target for FUZZTIME (default 60s)
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzDecodeRequest$$' ./pkg/nbdattach/
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzHandshake$$' ./pkg/nbdattach/
 
-demo: build ## build, create a zoned image with the seed's options, show it
+demo: build ## build, then one CSI driver process driven through real CSI calls: a zoned volume from create to delete
 	@./scripts/demo.sh
+
+# make image IMAGE_REPO=registry.example.com/zq-csi PLATFORMS=linux/amd64,linux/arm64 ZQ_IMAGE_ENGINE=podman
+.PHONY: image image-check
+image: ## the container image (Dockerfile) as bin/image/*.tar, tagged as the chart's default image; docker/podman/buildah or the in-repo packer
+	@bash scripts/image.sh
+
+image-check: ## build the Dockerfile with buildah from local base images and compare it with the packer's image
+	@bash scripts/image-check.sh
 
 clean:
 	rm -rf bin

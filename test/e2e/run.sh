@@ -82,6 +82,17 @@ t_install() {
     --set kubernetesServicePort="${ZQ_API_PORT:-26443}" --set backend="${ZQ_E2E_BACKEND:-cluster}" \
     --wait --timeout 180s
   kubectl -n kube-system get pods -o wide
+  # The chart's default image is what make image built (values-e2e.yaml
+  # sets only pullPolicy: Never), and containerd runs that very tarball.
+  local want got id
+  want=$(bash scripts/image.sh --print-ref)
+  got=$(kubectl -n kube-system get pods -l app.kubernetes.io/name=zq-csi -o jsonpath='{range .items[*]}{.spec.containers[?(@.name=="zq-csi")].image}{"\n"}{end}' | sort -u)
+  [ "$got" = "$want" ] || { echo "driver pods run image '$got', want make image's $want"; return 1; }
+  id=$(kubectl -n kube-system get pods -l app.kubernetes.io/name=zq-csi -o jsonpath='{.items[0].status.containerStatuses[?(@.name=="zq-csi")].imageID}')
+  local cfg; cfg=$(tar -xOf "$ZQ_E2E_IMAGES/zq-csi-image.tar" manifest.json | sed 's/.*"Config":"\([^"]*\)".*/\1/')
+  cfg=${cfg##*/}; cfg=${cfg%.json}
+  [ "${id##*:}" = "$cfg" ] || { echo "driver pods run image ID $id, but make image's tarball has config $cfg"; return 1; }
+  echo "driver pods: image $got, ID $id = the config of make image's $ZQ_E2E_IMAGES/zq-csi-image.tar"
 }
 run_test "helm install (controller Deployment and node DaemonSet ready)" t_install || true
 if [ "$failed" -gt 0 ]; then
