@@ -195,3 +195,36 @@ func TestCountsAndBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestColorFor(t *testing.T) {
+	env := func(kv ...string) func(string) string {
+		return func(k string) string {
+			for i := 0; i+1 < len(kv); i += 2 {
+				if kv[i] == k {
+					return kv[i+1]
+				}
+			}
+			return ""
+		}
+	}
+	var buf bytes.Buffer // not a terminal
+	for i, tc := range []struct {
+		getenv func(string) string
+		want   bool
+	}{
+		{env(), false},
+		{env("CLICOLOR_FORCE", "1"), true},
+		{env("CLICOLOR_FORCE", "0"), false},
+		{env("CLICOLOR_FORCE", "1", "NO_COLOR", "1"), false}, // NO_COLOR wins
+	} {
+		if got := ColorFor(&buf, tc.getenv); got != tc.want {
+			t.Errorf("case %d: ColorFor(buffer) = %v, want %v", i, got, tc.want)
+		}
+	}
+	if f, err := os.Open(os.DevNull); err == nil {
+		defer f.Close()
+		if ColorFor(f, env()) {
+			t.Error("ColorFor(/dev/null): a terminal?")
+		}
+	}
+}
