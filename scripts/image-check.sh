@@ -8,7 +8,9 @@
 # a Go image made from this machine's Go toolchain and Debian's static
 # busybox (from scratch, no pull), and a busybox image of that same busybox.
 # The modules come from the host's module cache, lent to the build as a
-# GOPROXY=file:// directory. Then:
+# GOPROXY=file:// directory, and the build has no network (--network none:
+# buildah's default CNI network would leave a bridge and CNI-* iptables
+# chains behind, which the e2e lane's leftover check rightly flags). Then:
 #   - both images have the same files (path, type, mode, link target,
 #     content hash: Go builds are reproducible, so /zq-csi is byte-identical),
 #     entrypoint, environment, labels and architecture;
@@ -64,7 +66,7 @@ modcache=$(go env GOMODCACHE)
 go mod download
 ZQ_IMAGE_ENGINE=buildah IMAGE_REPO=localhost/zq-check IMAGE_TAG=dockerfile \
   GO_IMAGE=localhost/zq-check-go:local BUSYBOX_IMAGE=localhost/zq-check-busybox:local \
-  GOPROXY=file:///goproxy ZQ_IMAGE_BUILD_FLAGS="-v $modcache/cache/download:/goproxy:ro" \
+  GOPROXY=file:///goproxy ZQ_IMAGE_BUILD_FLAGS="--network none -v $modcache/cache/download:/goproxy:ro" \
   bash scripts/image.sh --out "$work/dockerfile" | grep '^\[image\] localhost'
 
 step "the same image packed without an engine (make image with ZQ_IMAGE_ENGINE=imgpack)"
@@ -119,4 +121,8 @@ PY
 step "the Dockerfile's image runs on its own (chroot into its rootfs)"
 chroot "$work/rootfs" /zq-csi version
 chroot "$work/rootfs" /bin/sh -c 'for c in mount umount modprobe; do command -v $c; done; mount --help 2>&1 | head -1'
+# Nothing of buildah's networking left (see --network none above).
+if ip -br link 2>/dev/null | grep -q '^cni-podman' || iptables -S 2>/dev/null | grep -q '^-N CNI-'; then
+  echo "image-check: buildah left a CNI bridge or CNI-* iptables chains behind" >&2; exit 1
+fi
 echo; echo "image-check: ok ($(( $(date +%s) - start ))s)"

@@ -419,6 +419,14 @@ t_kubectl_zq() { # zone z1 of PVC data holds 4 KiB (t_zone_rules), pod user runs
   grep -Eq "^$(printf 'start: 0x%x, len 0x%x, cap 0x%x, wptr 0x%x' $((z1 / 512)) $((zsz / 512)) $((cap / 512)) $(((z1 + 4096) / 512))), zcond:[24], \[type: 2\]$" <<<"$out"
   [ "$(kzq zones data -n e2e | wc -l)" = "$nr" ] || { echo "kubectl zq zones: not $nr lines"; return 1; }
   kzq zones data -n e2e -o json --start $((z1 / zsz)) --count 1 | grep -q "\"wptr\": $((z1 + 4096)),"
+  # The picture: drawn by kubectl zq from the plugin's JSON report; the
+  # zone holds 4 KiB, the first eighth of its cell (no colours: not a terminal).
+  out=$(kzq zones data -n e2e -o wide --start $((z1 / zsz)) --count 1); echo "$out"
+  grep -q "^volume zqv-[0-9a-f]* (PVC e2e/data) on node $NODE_NAME\$" <<<"$out"
+  grep -Eq "^ *$((z1 / zsz)) ▁\$" <<<"$out" || { echo "kubectl zq zones -o wide: no cell ▁ for zone $((z1 / zsz))"; return 1; }
+  local svg; svg=$(kzq zones data -n e2e -o svg)
+  [ "$(grep -o '<title>zone ' <<<"$svg" | wc -l)" = "$nr" ] || { echo "kubectl zq zones -o svg: not $nr zones"; return 1; }
+  echo "kubectl zq zones -o svg: an SVG of $nr zones ($(wc -c <<<"$svg") bytes)"
   out=$(kzq describe data -n e2e); echo "$out"
   grep -q "^Node: *$NODE_NAME " <<<"$out"
   grep -Eq "^Attachment: *fuse-loop, generation [0-9]+" <<<"$out"
@@ -427,7 +435,7 @@ t_kubectl_zq() { # zone z1 of PVC data holds 4 KiB (t_zone_rules), pod user runs
   if out=$(kzq zones nope -n e2e 2>&1); then echo "kubectl zq zones of a missing PVC succeeded: $out"; return 1; fi
   grep -q 'PVC "nope" not found in namespace "e2e"' <<<"$out"; echo "missing PVC: $out"
 }
-run_test "kubectl zq zones/describe show the live write pointer and the attachment of PVC data" t_kubectl_zq
+run_test "kubectl zq zones/describe show the live write pointer and the attachment of PVC data; zones -o wide|svg draw it" t_kubectl_zq
 
 t_persist() { # zone z2 of PVC data: written by pod user, read by its successor
   geometry data
