@@ -4,7 +4,7 @@ GO    ?= go
 BIN   := bin/zq-csi
 PKGS  := ./...
 
-.PHONY: help build test test-unit test-interop verify bench demo fuzz clean
+.PHONY: help build test test-unit test-interop verify bench demo demo-img fuzz clean
 
 help: ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,8 +46,19 @@ fuzz: ## run each fuzz target for FUZZTIME (default 60s)
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzDecodeRequest$$' ./pkg/nbdattach/
 	$(GO) test $(FUZZFLAGS) -fuzz '^FuzzHandshake$$' ./pkg/nbdattach/
 
-demo: build ## build, create a zoned image with the seed's options, show it
+demo: build ## build, then one CSI driver process driven through real CSI calls: a zoned volume from create to delete
 	@./scripts/demo.sh
+
+demo-img: build ## the image tool: create a zoned image with the seed's options, write to it, show its zones
+	@./scripts/demo-img.sh
+
+# make image IMAGE_REPO=registry.example.com/zq-csi PLATFORMS=linux/amd64,linux/arm64 ZQ_IMAGE_ENGINE=podman
+.PHONY: image image-check
+image: ## the container image (Dockerfile) as bin/image/*.tar, tagged as the chart's default image; docker/podman/buildah or the in-repo packer
+	@bash scripts/image.sh
+
+image-check: ## build the Dockerfile with buildah from local base images and compare it with the packer's image
+	@bash scripts/image-check.sh
 
 clean:
 	rm -rf bin

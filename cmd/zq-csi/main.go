@@ -17,6 +17,7 @@ import (
 	"strings"
 
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/cli"
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/csicmd"
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/imgcmd"
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/kubectlcmd"
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/nbdcmd"
@@ -61,6 +62,8 @@ Commands:
   ublk     attach a zoned image as /dev/ublkbN, a host-managed zoned block
            device, and serve it (debugging): attach|detach|list|recover;
            see 'zq-csi ublk --help'
+  csi      call a running driver's CSI services (create, stage, publish,
+           snapshot, ...); see 'zq-csi csi --help'
   version  print the version
 `
 
@@ -82,6 +85,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return volumecmd.Main(args[1:], volumecmd.Env{Stdout: stdout, Stderr: stderr})
 	case "kubectl":
 		return kubectlcmd.Main(args[1:], kubectlcmd.Env{Stdout: stdout, Stderr: stderr})
+	case "csi": // a CSI client for a running driver (debugging, make demo)
+		return csicmd.Main(args[1:], csicmd.Env{Stdout: stdout, Stderr: stderr, Getenv: os.Getenv})
 	case "serve":
 		return servecmd.Main(args[1:], servecmd.Env{Stdout: stdout, Stderr: stderr, Version: shortVersion(version, commit, readBuildInfo())})
 	case "help", "-h", "--help":

@@ -2,13 +2,17 @@
 # Builds the e2e lane's container images as docker-archive tarballs, without
 # a container engine (test/e2e/tools/imgpack: one layer from static
 # binaries), into OUTDIR (default $ZQ_CACHE/images):
-#   docker.io/zq-csi/zq-csi:e2e                       this work tree's zq-csi
+#   localhost/zq-csi:<appVersion>                     this work tree's zq-csi, built by
+#                                                     `make image` (scripts/image.sh): the
+#                                                     chart's default image
 #   registry.k8s.io/sig-storage/csi-{provisioner,resizer,snapshotter}:<pinned>
 #                                                     from build-sidecars.sh
 #   registry.k8s.io/pause:3.10                        test/e2e/tools/pause
 #   docker.io/zq-csi/e2e-tools:e2e                    Debian's static busybox
 # Sidecar, pause and tools tarballs are cached (keyed on their versions, or
-# the tools' source hash); zq-csi's is rebuilt every time. No registrar
+# the tools' source hash); zq-csi's is rebuilt every time, by the same
+# script as `make image` (an engine where one works and its base images can
+# be had, else the in-repo packer; ZQ_IMAGE_ENGINE chooses). No registrar
 # image: the node plugin registers itself with the kubelet (values-e2e.yaml).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -55,11 +59,12 @@ if [ ! -f "$t" ]; then
   pack -o "$t" -t docker.io/zq-csi/e2e-tools:e2e -entrypoint /bin/sh -add "$bb:/bin/busybox" "${links[@]}"
 fi
 
-# zq-csi from this work tree.
+# zq-csi from this work tree: make image, for this machine's platform.
+rm -f "$out/zq-csi-e2e.tar" "$out"/zq-csi-[0-9]*.tar   # earlier tags would be imported too
+PLATFORMS=linux/$(go env GOARCH) bash "$root/scripts/image.sh" --out "$out/zq-csi-image" | grep -v '^  '
+ln -f "$out/zq-csi-image/zq-csi-$(bash "$root/scripts/image.sh" --print-ref | sed 's/.*://')-linux-$(go env GOARCH).tar" "$out/zq-csi-image.tar"
+rm -rf "$out/zq-csi-image"
+# kubectl zq runs on the host, as a user installs it.
 mkdir -p "$out/zq-csi-bin"
 (cd "$root" && go build -trimpath -ldflags "-s -w" -o "$out/zq-csi-bin/zq-csi" ./cmd/zq-csi)
-# mount-utils execs mount(8)/umount(8) for the bind mounts of NodePublish:
-# busybox provides them.
-pack -o "$out/zq-csi-e2e.tar" -t docker.io/zq-csi/zq-csi:e2e -entrypoint /zq-csi -add "$out/zq-csi-bin/zq-csi:/zq-csi" \
-  -add "$bb:/bin/busybox" -link /bin/sh=busybox -link /bin/mount=busybox -link /bin/umount=busybox
 echo "[build-images] images in $out"

@@ -78,4 +78,10 @@ for pair in "provisioner:$PROVISIONER_VERSION" "resizer:$RESIZER_VERSION" "snaps
   echo "sidecars.${pair%%:*}: $got"
 done
 
+phase "the chart's default driver image is what make image tags"
+want=$(bash scripts/image.sh --print-ref)
+got=$("$helm" template zq-csi charts/zq-csi --kube-version "$K8S_VERSION" --skip-tests | sed -n 's/^ *image: *"\{0,1\}\([^"]*zq-csi[^"]*\)"\{0,1\}$/\1/p' | grep -v sig-storage | sort -u)
+[ "$got" = "$want" ] || { echo "the chart installs '$got' by default; make image tags $want" >&2; exit 1; }
+echo "chart default image $got = make image's tag"
+
 phase "chart-check passed"

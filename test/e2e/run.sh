@@ -82,6 +82,17 @@ t_install() {
     --set kubernetesServicePort="${ZQ_API_PORT:-26443}" --set backend="${ZQ_E2E_BACKEND:-cluster}" \
     --wait --timeout 180s
   kubectl -n kube-system get pods -o wide
+  # The chart's default image is what make image built (values-e2e.yaml
+  # sets only pullPolicy: Never), and containerd runs that very tarball.
+  local want got id
+  want=$(bash scripts/image.sh --print-ref)
+  got=$(kubectl -n kube-system get pods -l app.kubernetes.io/name=zq-csi -o jsonpath='{range .items[*]}{.spec.containers[?(@.name=="zq-csi")].image}{"\n"}{end}' | sort -u)
+  [ "$got" = "$want" ] || { echo "driver pods run image '$got', want make image's $want"; return 1; }
+  id=$(kubectl -n kube-system get pods -l app.kubernetes.io/name=zq-csi -o jsonpath='{.items[0].status.containerStatuses[?(@.name=="zq-csi")].imageID}')
+  local cfg; cfg=$(tar -xOf "$ZQ_E2E_IMAGES/zq-csi-image.tar" manifest.json | sed 's/.*"Config":"\([^"]*\)".*/\1/')
+  cfg=${cfg##*/}; cfg=${cfg%.json}
+  [ "${id##*:}" = "$cfg" ] || { echo "driver pods run image ID $id, but make image's tarball has config $cfg"; return 1; }
+  echo "driver pods: image $got, ID $id = the config of make image's $ZQ_E2E_IMAGES/zq-csi-image.tar"
 }
 run_test "helm install (controller Deployment and node DaemonSet ready)" t_install || true
 if [ "$failed" -gt 0 ]; then
@@ -408,6 +419,14 @@ t_kubectl_zq() { # zone z1 of PVC data holds 4 KiB (t_zone_rules), pod user runs
   grep -Eq "^$(printf 'start: 0x%x, len 0x%x, cap 0x%x, wptr 0x%x' $((z1 / 512)) $((zsz / 512)) $((cap / 512)) $(((z1 + 4096) / 512))), zcond:[24], \[type: 2\]$" <<<"$out"
   [ "$(kzq zones data -n e2e | wc -l)" = "$nr" ] || { echo "kubectl zq zones: not $nr lines"; return 1; }
   kzq zones data -n e2e -o json --start $((z1 / zsz)) --count 1 | grep -q "\"wptr\": $((z1 + 4096)),"
+  # The picture: drawn by kubectl zq from the plugin's JSON report; the
+  # zone holds 4 KiB, the first eighth of its cell (no colours: not a terminal).
+  out=$(kzq zones data -n e2e -o wide --start $((z1 / zsz)) --count 1); echo "$out"
+  grep -q "^volume zqv-[0-9a-f]* (PVC e2e/data) on node $NODE_NAME\$" <<<"$out"
+  grep -Eq "^ *$((z1 / zsz)) ▁\$" <<<"$out" || { echo "kubectl zq zones -o wide: no cell ▁ for zone $((z1 / zsz))"; return 1; }
+  local svg; svg=$(kzq zones data -n e2e -o svg)
+  [ "$(grep -o '<title>zone ' <<<"$svg" | wc -l)" = "$nr" ] || { echo "kubectl zq zones -o svg: not $nr zones"; return 1; }
+  echo "kubectl zq zones -o svg: an SVG of $nr zones ($(wc -c <<<"$svg") bytes)"
   out=$(kzq describe data -n e2e); echo "$out"
   grep -q "^Node: *$NODE_NAME " <<<"$out"
   grep -Eq "^Attachment: *fuse-loop, generation [0-9]+" <<<"$out"
@@ -416,7 +435,7 @@ t_kubectl_zq() { # zone z1 of PVC data holds 4 KiB (t_zone_rules), pod user runs
   if out=$(kzq zones nope -n e2e 2>&1); then echo "kubectl zq zones of a missing PVC succeeded: $out"; return 1; fi
   grep -q 'PVC "nope" not found in namespace "e2e"' <<<"$out"; echo "missing PVC: $out"
 }
-run_test "kubectl zq zones/describe show the live write pointer and the attachment of PVC data" t_kubectl_zq
+run_test "kubectl zq zones/describe show the live write pointer and the attachment of PVC data; zones -o wide|svg draw it" t_kubectl_zq
 
 t_persist() { # zone z2 of PVC data: written by pod user, read by its successor
   geometry data

@@ -8,18 +8,22 @@ import (
 	"strings"
 	"time"
 
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/zoneview"
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
 	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
 
-const infoUsage = `Usage: zq-csi img info [-f FMT] [--output=human|json] [-U] FILE
+const infoUsage = `Usage: zq-csi img info [-f FMT] [--output=human|json|wide|svg] [-U] FILE
 
 Show the format, sizes and qcow2 header information of an image, like
 qemu-img info. Zoned images also show their zone configuration and how
 many zones are in each condition; --output=json lists every zone.
 
   -f FMT           qcow2 or raw (detected from the magic when omitted)
-  --output=FORMAT  human (default) or json
+  --output=FORMAT  human (default) or json; for zoned images also wide (human,
+                   then a picture: a cell per zone, coloured by condition,
+                   filled up to the write pointer) or svg (the picture as an
+                   SVG file: --output=svg > zones.svg)
   -U               accepted for qemu-img compatibility (no locking is done)
 `
 
@@ -121,6 +125,10 @@ func runInfo(e Env, args []string) int {
 		case "f":
 			want = o.val
 		case "output":
+			if o.val == "wide" || o.val == "svg" { // zone pictures (zonePicture)
+				output = o.val
+				break
+			}
 			var err error
 			if output, err = outputFormat(o.val); err != nil {
 				return fail(e, "", err)
@@ -158,6 +166,9 @@ func runInfo(e Env, args []string) int {
 			}
 		}
 	}
+	if output == "wide" || output == "svg" {
+		return zonePicture(e, ji, output)
+	}
 	if output == "json" {
 		b, err := json.MarshalIndent(ji, "", "    ")
 		if err != nil {
@@ -167,6 +178,33 @@ func runInfo(e Env, args []string) int {
 		return 0
 	}
 	printHumanInfo(e.Stdout, ji)
+	return 0
+}
+
+// zonePicture is --output=wide (the human output, then a picture of the
+// zones) and --output=svg (the picture as an SVG document), drawn by
+// zoneview.
+func zonePicture(e Env, ji jsonInfo, output string) int {
+	if ji.Zoned == nil {
+		return fail(e, ji.Filename, fmt.Errorf("--output=%s draws the zones of a zoned image; this %s image has no zones (use human or json)", output, ji.Format))
+	}
+	zs := make([]zoneview.Zone, len(ji.Zoned.Zones))
+	for i, z := range ji.Zoned.Zones {
+		zs[i] = zoneview.Zone{Start: z.Start, Len: z.Length, Cap: z.Capacity, WP: z.WP,
+			Cond: zoned.Cond(z.ConditionCode), Type: zoned.ZoneType(z.TypeCode)}
+	}
+	o := zoneview.Options{Title: "image " + ji.Filename, Color: zoneview.ColorFor(e.Stdout, os.Getenv)}
+	var err error
+	if output == "svg" {
+		err = zoneview.SVG(e.Stdout, zs, o)
+	} else {
+		printHumanInfo(e.Stdout, ji)
+		fmt.Fprintln(e.Stdout)
+		err = zoneview.Text(e.Stdout, zs, o)
+	}
+	if err != nil {
+		return fail(e, ji.Filename, err)
+	}
 	return 0
 }
 

@@ -8,6 +8,7 @@ package kubectlcmd
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -26,6 +27,7 @@ import (
 	"k8s.io/client-go/tools/remotecommand"
 
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/volumecmd"
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/zoneview"
 	"github.com/zq-csi/zq-csi/pkg/driver"
 )
 
@@ -46,7 +48,9 @@ pod is found on the volume's node and 'zq-csi volume' runs in it through
 
 Commands:
   zones PVC      the live zone report of the PVC's volume, in the format of
-                 'zq-csi img io -c "zrp 0 N"' (512-byte sectors); -o json
+                 'zq-csi img io -c "zrp 0 N"' (512-byte sectors); -o json;
+                 -o wide: a picture, a cell per zone coloured by condition and
+                 filled up to the write pointer; -o svg: the same as an SVG file
   describe PVC   the PVC, its PV and zone geometry, the node, and the plugin's
                  view: image, device, attachment, zone states
 
@@ -58,7 +62,8 @@ Flags:
   --driver-name NAME        the CSI driver name (default ` + driver.DefaultDriverName + `)
   --plugin-selector SEL     label selector of the node plugin pods
                             (default ` + DefaultPluginSelector + `)
-  -o FORMAT                 zones, describe: text (default) or json (the plugin's part)
+  -o FORMAT                 zones, describe: text (default) or json (the plugin's part);
+                            zones: wide or svg (pictures)
   --start N, --count N      zones: report N zones from zone index N
 `
 
@@ -130,8 +135,10 @@ func run(ctx context.Context, args []string, env Env, conn func(options) (*clien
 		err = errors.New("missing PVC name")
 	case len(pos) > 1:
 		err = fmt.Errorf("unexpected argument %q", pos[1])
-	case o.output != "text" && o.output != "json":
-		err = fmt.Errorf("-o %s: must be text or json", o.output)
+	case (o.output == "wide" || o.output == "svg") && cmd != "zones":
+		err = fmt.Errorf("-o %s: a picture of the zones, for zones only; %s takes text or json", o.output, cmd)
+	case o.output != "text" && o.output != "json" && o.output != "wide" && o.output != "svg":
+		err = fmt.Errorf("-o %s: must be text, json, or for zones wide or svg (a picture)", o.output)
 	case cmd != "zones" && (o.start != 0 || o.count != -1):
 		err = errors.New("--start and --count apply to zones only")
 	}
@@ -284,7 +291,23 @@ func zones(ctx context.Context, c *clients, o options, pvc string, env Env) erro
 	if err != nil {
 		return err
 	}
-	return runInPlugin(ctx, c, p, t, "zones", o, env.Stdout)
+	if o.output != "wide" && o.output != "svg" {
+		return runInPlugin(ctx, c, p, t, "zones", o, env.Stdout)
+	}
+	// Pictures are drawn here, from the plugin's JSON report: colours
+	// depend on this terminal, and older plugin images draw none.
+	pic := o.output
+	o.output = "json"
+	var js bytes.Buffer
+	if err := runInPlugin(ctx, c, p, t, "zones", o, &js); err != nil {
+		return err
+	}
+	var rep driver.DebugZoneReport
+	if err := json.Unmarshal(js.Bytes(), &rep); err != nil {
+		return fmt.Errorf("the zone report of node plugin pod %s/%s: %w", p.Pod.Namespace, p.Pod.Name, err)
+	}
+	rep.VolumeID = fmt.Sprintf("%s (PVC %s/%s)", rep.VolumeID, t.PVC.Namespace, t.PVC.Name)
+	return volumecmd.ZonePicture(env.Stdout, &rep, pic, zoneview.ColorFor(env.Stdout, os.Getenv))
 }
 
 // podsUsing lists the pods of pvc's namespace that mount it, with their

@@ -394,7 +394,7 @@ func TestUsage(t *testing.T) {
 		{nil, 2, "Usage: kubectl zq"},
 		{[]string{"zones"}, 2, "missing PVC name"},
 		{[]string{"zones", "a", "b"}, 2, `unexpected argument "b"`},
-		{[]string{"zones", "a", "-o", "yaml"}, 2, "-o yaml: must be text or json"},
+		{[]string{"zones", "a", "-o", "yaml"}, 2, "-o yaml: must be text, json, or for zones wide or svg"},
 		{[]string{"describe", "a", "--count", "3"}, 2, "--start and --count apply to zones only"},
 		{[]string{"frob"}, 2, `unknown command "frob"`},
 		{[]string{"help"}, 0, ""},

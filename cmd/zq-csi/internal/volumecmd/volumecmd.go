@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/imgcmd"
+	"github.com/zq-csi/zq-csi/cmd/zq-csi/internal/zoneview"
 	"github.com/zq-csi/zq-csi/pkg/driver"
 	"github.com/zq-csi/zq-csi/pkg/zoned"
 )
@@ -63,7 +64,9 @@ Commands:
 Flags:
   --socket PATH    the debug socket (default $ZQ_CSI_STATE_DIR/debug.sock, else
                    ` + DefaultStateDir + `/debug.sock)
-  -o FORMAT        text (default) or json
+  -o FORMAT        text (default) or json; zones also wide (a picture: a cell per
+                   zone, coloured by condition, filled up to the write pointer)
+                   or svg (the picture as an SVG file: -o svg > zones.svg)
   --start N        zones: the first zone to report (a zone index; default 0)
   --count N        zones: at most N zones (default: to the last zone)
 
@@ -73,6 +76,7 @@ Exit status: 0 success, 1 error, 2 usage, 3 the volume is not staged here.
 type options struct {
 	socket, output string
 	start, count   int
+	color          bool // -o wide: ANSI colours (stdout is a terminal, NO_COLOR unset)
 }
 
 // Main runs `zq-csi volume ARGS...` and returns the exit status.
@@ -117,6 +121,7 @@ func Main(args []string, env Env) int {
 	if o.socket == "" {
 		o.socket = DefaultSocket(env.Getenv)
 	}
+	o.color = zoneview.ColorFor(env.Stdout, env.Getenv)
 	c := NewClient(o.socket)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -149,8 +154,10 @@ func checkArgs(cmd string, pos []string, o options) error {
 		return errors.New("missing VOLUME-ID")
 	case len(pos) > want:
 		return fmt.Errorf("unexpected argument %q", pos[want])
-	case o.output != "text" && o.output != "json":
-		return fmt.Errorf("-o %s: must be text or json", o.output)
+	case (o.output == "wide" || o.output == "svg") && cmd != "zones":
+		return fmt.Errorf("-o %s: a picture of the zones, for zones only; %s takes text or json", o.output, cmd)
+	case o.output != "text" && o.output != "json" && o.output != "wide" && o.output != "svg":
+		return fmt.Errorf("-o %s: must be text, json, or for zones wide or svg (a picture)", o.output)
 	case o.start < 0:
 		return fmt.Errorf("--start=%d: must be 0 or more", o.start)
 	case o.count < -1:
@@ -426,11 +433,28 @@ func runZones(ctx context.Context, c *Client, o options, id string, w io.Writer)
 	if o.output == "json" {
 		return writeJSON(w, rep)
 	}
+	if o.output == "wide" || o.output == "svg" {
+		return ZonePicture(w, rep, o.output, o.color)
+	}
 	zs := make([]zoned.ZoneReport, len(rep.Zones))
 	for i, z := range rep.Zones {
 		zs[i] = z.Report()
 	}
 	return imgcmd.WriteZoneReport(w, zs)
+}
+
+// ZonePicture draws rep's zones (zoneview): output wide for a terminal
+// (in colour when color), svg for a browser.
+func ZonePicture(w io.Writer, rep *driver.DebugZoneReport, output string, color bool) error {
+	zs := make([]zoneview.Zone, len(rep.Zones))
+	for i, z := range rep.Zones {
+		zs[i] = zoneview.Zone{Start: z.Start, Len: z.Len, Cap: z.Cap, WP: z.WP, Cond: zoned.Cond(z.Cond), Type: zoned.ZoneType(z.Type)}
+	}
+	o := zoneview.Options{Title: fmt.Sprintf("volume %s on node %s", rep.VolumeID, rep.Node), First: rep.Start, Color: color}
+	if output == "svg" {
+		return zoneview.SVG(w, zs, o)
+	}
+	return zoneview.Text(w, zs, o)
 }
 
 // Bytes prints n exactly, in the largest binary unit that divides it.

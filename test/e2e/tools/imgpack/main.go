@@ -4,8 +4,12 @@
 // the zq-csi image, the sidecars it builds from source and a test-tools
 // image made of Debian's static busybox.
 //
-//	imgpack -o out.tar -t docker.io/zq-csi/zq-csi:e2e -entrypoint /zq-csi \
-//	    -add bin/zq-csi:/zq-csi [-link /bin/sh=busybox] [-env K=V]
+//	imgpack -o out.tar -t localhost/zq-csi:0.1.0 -entrypoint /zq-csi \
+//	    -add bin/zq-csi:/zq-csi [-link /bin/sh=busybox] [-env K=V] \
+//	    [-arch arm64] [-label K=V]
+//
+// scripts/image.sh uses it for `make image` on machines without a
+// container engine; the image it writes has the Dockerfile's layout.
 //
 // The layer is reproducible: fixed times, owners root, sorted entries.
 package main
@@ -33,8 +37,8 @@ func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
 
 func main() {
 	var (
-		out, tag, entry, workdir string
-		adds, links, envs, dirs  multi
+		out, tag, entry, workdir, arch  string
+		adds, links, envs, dirs, labels multi
 	)
 	flag.StringVar(&out, "o", "", "output tarball")
 	flag.StringVar(&tag, "t", "", "image reference (repository:tag)")
@@ -44,12 +48,14 @@ func main() {
 	flag.Var(&links, "link", "IMAGEPATH=TARGET, a symbolic link (repeatable)")
 	flag.Var(&dirs, "dir", "IMAGEPATH, an empty directory (repeatable)")
 	flag.Var(&envs, "env", "K=V in the image's environment (repeatable)")
+	flag.Var(&labels, "label", "K=V, an image label (repeatable)")
+	flag.StringVar(&arch, "arch", "amd64", "the image's architecture (GOARCH spelling: amd64, arm64, ...)")
 	flag.Parse()
 	if out == "" || tag == "" || !strings.Contains(tag, ":") {
 		fmt.Fprintln(os.Stderr, "imgpack: -o and -t repository:tag are required")
 		os.Exit(2)
 	}
-	if err := run(out, tag, entry, workdir, adds, links, dirs, envs); err != nil {
+	if err := run(out, tag, entry, workdir, arch, adds, links, dirs, envs, labels); err != nil {
 		fmt.Fprintln(os.Stderr, "imgpack:", err)
 		os.Exit(1)
 	}
@@ -61,7 +67,15 @@ type entry struct {
 	source string // host file for regular files
 }
 
-func run(out, tag, entrypoint, workdir string, adds, links, dirs, envs []string) error {
+func run(out, tag, entrypoint, workdir, arch string, adds, links, dirs, envs, labels []string) error {
+	lab := map[string]string{}
+	for _, l := range labels {
+		k, v, ok := strings.Cut(l, "=")
+		if !ok || k == "" {
+			return fmt.Errorf("-label %q: want KEY=VALUE", l)
+		}
+		lab[k] = v
+	}
 	epoch := time.Unix(0, 0)
 	entries := map[string]*entry{}
 	addDir := func(p string) {
@@ -136,13 +150,14 @@ func run(out, tag, entrypoint, workdir string, adds, links, dirs, envs []string)
 	diffID := "sha256:" + hex.EncodeToString(layerSum[:])
 
 	cfg := map[string]any{
-		"architecture": "amd64",
+		"architecture": arch,
 		"os":           "linux",
 		"created":      epoch.UTC().Format(time.RFC3339),
 		"config": map[string]any{
 			"Entrypoint": strings.Fields(entrypoint),
 			"Env":        append([]string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}, envs...),
 			"WorkingDir": workdir,
+			"Labels":     lab,
 		},
 		"rootfs":  map[string]any{"type": "layers", "diff_ids": []string{diffID}},
 		"history": []map[string]any{{"created": epoch.UTC().Format(time.RFC3339), "created_by": "imgpack"}},

@@ -1,0 +1,5 @@
+//go:build !linux
+
+package zoneview
+
+func isTerminal(uintptr) bool { return false }
