@@ -98,7 +98,7 @@ vol=$(sed -n 's/^    volume \(zqv-[0-9a-f]*\):.*/\1/p' "$dir/create.out")
 vols+=("$vol")
 ctx=(); while read -r kv; do ctx+=(--context "$kv"); done < <(sed -n 's/^        \([a-z._]*=.*\)/\1/p' "$dir/create.out")
 echo "A bad parameter is refused, named, with the rule:"
-show zcsi create bad-volume --size 512Mi --param zone.size=64M --param zone.max_open_zones=99 || true
+show zcsi create bad-volume --size 512Mi --param zone.size=64M --param zone.capacity=128M || true
 
 # stage_publish VOL NAME: NodeStageVolume + NodePublishVolume (as the kubelet does for a pod).
 stage_publish() {

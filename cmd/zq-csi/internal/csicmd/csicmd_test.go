@@ -165,8 +165,8 @@ func TestErrors(t *testing.T) {
 		msg  string
 	}{
 		// The driver's error, with its gRPC code, naming the parameter.
-		{[]string{"create", "bad", "--size", "512Mi", "--param", "zone.size=64M", "--param", "zone.max_open_zones=99"}, 1,
-			"zq-csi csi create: InvalidArgument: parameter zone.max_open_zones=99"},
+		{[]string{"create", "bad", "--size", "512Mi", "--param", "zone.size=64M", "--param", "zone.capacity=128M"}, 1,
+			"zq-csi csi create: InvalidArgument: parameter zone.capacity=128M"},
 		{[]string{"delete-snapshot", "zqs-nope"}, 0, ""}, // deleting what is missing succeeds (CSI)
 		{[]string{"stage", "zqv-0123456789abcdef0123", "--staging-path", "/tmp/x"}, 1, "zq-csi csi stage: NotFound: volume zqv-0123456789abcdef0123"},
 		{[]string{"create", "x"}, 2, "--size is required"},
