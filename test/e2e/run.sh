@@ -568,11 +568,11 @@ kind: StorageClass
 metadata: {name: zq-csi-bad}
 provisioner: $DRIVER
 volumeBindingMode: WaitForFirstConsumer
-parameters: {zone.size: 64M, zone.max_open_zones: "99"}
+parameters: {zone.size: 64M, zone.capacity: 128M}
 Y
   pvc bad 512Mi zq-csi-bad
   pod baduser bad
-  wait_for 90 "a ProvisioningFailed event" bash -c "'$BIN/kubectl' -n e2e get events --field-selector involvedObject.name=bad,reason=ProvisioningFailed -o jsonpath='{.items[*].message}' | grep -q zone.max_open_zones"
+  wait_for 90 "a ProvisioningFailed event" bash -c "'$BIN/kubectl' -n e2e get events --field-selector involvedObject.name=bad,reason=ProvisioningFailed -o jsonpath='{.items[*].message}' | grep -q zone.capacity"
   kubectl -n e2e get events --field-selector involvedObject.name=bad,reason=ProvisioningFailed -o jsonpath='{.items[0].message}'; echo
   [ "$(kubectl -n e2e get pvc bad -o jsonpath='{.status.phase}')" = Pending ]
   kubectl -n e2e delete pod baduser --wait=false >/dev/null; kubectl -n e2e delete pvc bad --wait=false >/dev/null
