@@ -1,12 +1,14 @@
 package csicmd
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"sort"
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
 )
 
 func infoCmd(c *call, fs *flag.FlagSet) func([]string) error {
@@ -124,13 +126,9 @@ func createCmd(c *call, fs *flag.FlagSet) func([]string) error {
 			req.VolumeContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
 				Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: *fromVol}}}
 		}
-		conn, err := c.dial()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := c.ctx()
-		defer cancel()
-		resp, err := csi.NewControllerClient(conn).CreateVolume(ctx, req)
+		resp, err := invoke(c, func(ctx context.Context, conn grpc.ClientConnInterface) (*csi.CreateVolumeResponse, error) {
+			return csi.NewControllerClient(conn).CreateVolume(ctx, req)
+		})
 		if err != nil {
 			return err
 		}
@@ -163,13 +161,9 @@ func deleteCmd(c *call, fs *flag.FlagSet) func([]string) error {
 		if err != nil {
 			return err
 		}
-		conn, err := c.dial()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := c.ctx()
-		defer cancel()
-		resp, err := csi.NewControllerClient(conn).DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
+		resp, err := invoke(c, func(ctx context.Context, conn grpc.ClientConnInterface) (*csi.DeleteVolumeResponse, error) {
+			return csi.NewControllerClient(conn).DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
+		})
 		if err != nil {
 			return err
 		}
@@ -187,13 +181,9 @@ func snapshotCmd(c *call, fs *flag.FlagSet) func([]string) error {
 		if *source == "" {
 			return usagef("--source VOLUME-ID is required")
 		}
-		conn, err := c.dial()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := c.ctx()
-		defer cancel()
-		resp, err := csi.NewControllerClient(conn).CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: *source})
+		resp, err := invoke(c, func(ctx context.Context, conn grpc.ClientConnInterface) (*csi.CreateSnapshotResponse, error) {
+			return csi.NewControllerClient(conn).CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: *source})
+		})
 		if err != nil {
 			return err
 		}
@@ -216,13 +206,9 @@ func deleteSnapshotCmd(c *call, fs *flag.FlagSet) func([]string) error {
 		if err != nil {
 			return err
 		}
-		conn, err := c.dial()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := c.ctx()
-		defer cancel()
-		resp, err := csi.NewControllerClient(conn).DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id})
+		resp, err := invoke(c, func(ctx context.Context, conn grpc.ClientConnInterface) (*csi.DeleteSnapshotResponse, error) {
+			return csi.NewControllerClient(conn).DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id})
+		})
 		if err != nil {
 			return err
 		}
@@ -289,14 +275,10 @@ func capacityCmd(c *call, fs *flag.FlagSet) func([]string) error {
 		if err := noArgs(args); err != nil {
 			return err
 		}
-		conn, err := c.dial()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := c.ctx()
-		defer cancel()
-		resp, err := csi.NewControllerClient(conn).GetCapacity(ctx, &csi.GetCapacityRequest{
-			Parameters: params.m, VolumeCapabilities: []*csi.VolumeCapability{blockCap(false)}})
+		resp, err := invoke(c, func(ctx context.Context, conn grpc.ClientConnInterface) (*csi.GetCapacityResponse, error) {
+			return csi.NewControllerClient(conn).GetCapacity(ctx, &csi.GetCapacityRequest{
+				Parameters: params.m, VolumeCapabilities: []*csi.VolumeCapability{blockCap(false)}})
+		})
 		if err != nil {
 			return err
 		}
@@ -321,14 +303,10 @@ func stageCmd(c *call, fs *flag.FlagSet) func([]string) error {
 		if *staging == "" {
 			return usagef("--staging-path DIR is required")
 		}
-		conn, err := c.dial()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := c.ctx()
-		defer cancel()
-		resp, err := csi.NewNodeClient(conn).NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{
-			VolumeId: id, StagingTargetPath: *staging, VolumeCapability: blockCap(*ro), VolumeContext: vctx.m})
+		resp, err := invoke(c, func(ctx context.Context, conn grpc.ClientConnInterface) (*csi.NodeStageVolumeResponse, error) {
+			return csi.NewNodeClient(conn).NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{
+				VolumeId: id, StagingTargetPath: *staging, VolumeCapability: blockCap(*ro), VolumeContext: vctx.m})
+		})
 		if err != nil {
 			return err
 		}
@@ -348,14 +326,10 @@ func publishCmd(c *call, fs *flag.FlagSet) func([]string) error {
 		if *staging == "" || *target == "" {
 			return usagef("--staging-path DIR and --target-path FILE are required")
 		}
-		conn, err := c.dial()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := c.ctx()
-		defer cancel()
-		resp, err := csi.NewNodeClient(conn).NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{
-			VolumeId: id, StagingTargetPath: *staging, TargetPath: *target, VolumeCapability: blockCap(*ro), Readonly: *ro})
+		resp, err := invoke(c, func(ctx context.Context, conn grpc.ClientConnInterface) (*csi.NodePublishVolumeResponse, error) {
+			return csi.NewNodeClient(conn).NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{
+				VolumeId: id, StagingTargetPath: *staging, TargetPath: *target, VolumeCapability: blockCap(*ro), Readonly: *ro})
+		})
 		if err != nil {
 			return err
 		}
@@ -373,13 +347,9 @@ func unpublishCmd(c *call, fs *flag.FlagSet) func([]string) error {
 		if *target == "" {
 			return usagef("--target-path FILE is required")
 		}
-		conn, err := c.dial()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := c.ctx()
-		defer cancel()
-		resp, err := csi.NewNodeClient(conn).NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: *target})
+		resp, err := invoke(c, func(ctx context.Context, conn grpc.ClientConnInterface) (*csi.NodeUnpublishVolumeResponse, error) {
+			return csi.NewNodeClient(conn).NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: *target})
+		})
 		if err != nil {
 			return err
 		}
@@ -397,16 +367,25 @@ func unstageCmd(c *call, fs *flag.FlagSet) func([]string) error {
 		if *staging == "" {
 			return usagef("--staging-path DIR is required")
 		}
-		conn, err := c.dial()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := c.ctx()
-		defer cancel()
-		resp, err := csi.NewNodeClient(conn).NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: *staging})
+		resp, err := invoke(c, func(ctx context.Context, conn grpc.ClientConnInterface) (*csi.NodeUnstageVolumeResponse, error) {
+			return csi.NewNodeClient(conn).NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: *staging})
+		})
 		if err != nil {
 			return err
 		}
 		return c.out(resp, fmt.Sprintf("unstaged volume %s", id))
 	}
+}
+
+// invoke dials the plugin (once per command) and makes one call with a
+// context that ends at --timeout.
+func invoke[Resp any](c *call, rpc func(ctx context.Context, conn grpc.ClientConnInterface) (Resp, error)) (Resp, error) {
+	conn, err := c.dial()
+	if err != nil {
+		var zero Resp
+		return zero, err
+	}
+	ctx, cancel := c.ctx()
+	defer cancel()
+	return rpc(ctx, conn)
 }
