@@ -458,14 +458,4 @@ func ZonePicture(w io.Writer, rep *driver.DebugZoneReport, output string, color 
 }
 
 // Bytes prints n exactly, in the largest binary unit that divides it.
-func Bytes(n uint64) string {
-	for _, u := range []struct {
-		name  string
-		shift uint
-	}{{"TiB", 40}, {"GiB", 30}, {"MiB", 20}, {"KiB", 10}} {
-		if n >= 1<<u.shift && n%(1<<u.shift) == 0 {
-			return fmt.Sprintf("%d%s", n>>u.shift, u.name)
-		}
-	}
-	return fmt.Sprintf("%dB", n)
-}
+func Bytes(n uint64) string { return zoneview.BytesCompact(n) }

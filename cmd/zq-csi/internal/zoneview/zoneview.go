@@ -146,17 +146,22 @@ func Counts(zs []Zone) string {
 	return strings.Join(parts, ", ")
 }
 
-// Bytes prints n exactly in the largest binary unit that divides it.
-func Bytes(n uint64) string {
+// Bytes prints n exactly in the largest binary unit that divides it: "4 MiB".
+func Bytes(n uint64) string { return bytesIn(n, " ") }
+
+// BytesCompact is Bytes without the space, for tables: "4MiB".
+func BytesCompact(n uint64) string { return bytesIn(n, "") }
+
+func bytesIn(n uint64, sep string) string {
 	for _, u := range []struct {
 		name  string
 		shift uint
 	}{{"TiB", 40}, {"GiB", 30}, {"MiB", 20}, {"KiB", 10}} {
 		if n >= 1<<u.shift && n%(1<<u.shift) == 0 {
-			return fmt.Sprintf("%d %s", n>>u.shift, u.name)
+			return fmt.Sprintf("%d%s%s", n>>u.shift, sep, u.name)
 		}
 	}
-	return fmt.Sprintf("%d B", n)
+	return fmt.Sprintf("%d%sB", n, sep)
 }
 
 // summary is the line under the title: which zones, their size, and how
