@@ -345,7 +345,11 @@ func (c *volumeCollector) Collect(ch chan<- prometheus.Metric) {
 	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
 	}
-	if avail, total, err := c.d.images.Capacity(); err == nil {
+	// The data directory holds images on a node, and on a controller of
+	// the local backend; a cluster controller's is unused.
+	if c.d.node == nil && c.d.cfg.Backend != nil {
+		// no images here
+	} else if avail, total, err := c.d.images.Capacity(); err == nil {
 		gauge(c.fsTotal, float64(total))
 		gauge(c.fsFree, float64(avail))
 	}
