@@ -347,11 +347,11 @@ func (c *volumeCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	// The data directory holds images on a node, and on a controller of
 	// the local backend; a cluster controller's is unused.
-	if c.d.node == nil && c.d.cfg.Backend != nil {
-		// no images here
-	} else if avail, total, err := c.d.images.Capacity(); err == nil {
-		gauge(c.fsTotal, float64(total))
-		gauge(c.fsFree, float64(avail))
+	if c.d.node != nil || c.d.cfg.Backend == nil {
+		if avail, total, err := c.d.images.Capacity(); err == nil {
+			gauge(c.fsTotal, float64(total))
+			gauge(c.fsFree, float64(avail))
+		}
 	}
 	perExporter := map[string]int{}
 	for id, st := range c.d.metrics.volumes() {
