@@ -47,17 +47,16 @@ const metricsNamespace = "zq_csi"
 // Refusal kinds: the zone rule a request broke (label kind of
 // zq_csi_volume_zone_refusals_total).
 const (
-	RefusalOffWP           = "off_wp"
-	RefusalZoneFull        = "zone_full"
-	RefusalBeyondCapacity  = "beyond_capacity"
-	RefusalOpenLimit       = "open_limit"
-	RefusalActiveLimit     = "active_limit"
-	RefusalUnaligned       = "unaligned"
-	RefusalConventional    = "conventional_zone"
-	RefusalInvalidZoneOp   = "invalid_zone_op"
-	RefusalOutOfRange      = "out_of_range"
-	RefusalAppendTooLarge  = "append_too_large"
-	RefusalReadOnlyRequest = "read_only"
+	RefusalOffWP          = "off_wp"
+	RefusalZoneFull       = "zone_full"
+	RefusalBeyondCapacity = "beyond_capacity"
+	RefusalOpenLimit      = "open_limit"
+	RefusalActiveLimit    = "active_limit"
+	RefusalUnaligned      = "unaligned"
+	RefusalConventional   = "conventional_zone"
+	RefusalInvalidZoneOp  = "invalid_zone_op"
+	RefusalOutOfRange     = "out_of_range"
+	RefusalAppendTooLarge = "append_too_large"
 )
 
 // refusalKind names the zone rule err reports, "" when err is not a
