@@ -272,7 +272,7 @@ func (s *controllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 			return nil, err
 		}
 		if rec.State == stateReady {
-			return &csi.CreateVolumeResponse{Volume: rec.csiVolume()}, nil
+			return &csi.CreateVolumeResponse{Volume: withPVC(rec.csiVolume(), req.GetParameters())}, nil
 		}
 		// An earlier attempt stopped between record and image: finish it.
 	case errors.Is(err, ErrNotFound):
@@ -322,7 +322,7 @@ func (s *controllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 				name, fmtSize(geo.Size), geo.NrZones, fmtSize(geo.ZoneSize), strings.Join(spec.clamped, ", "))})
 	}
 	klog.InfoS("Created volume", "name", name, "volumeID", rec.ID, "node", rec.Node, "size", geo.Size, "zones", geo.NrZones)
-	return &csi.CreateVolumeResponse{Volume: rec.csiVolume()}, nil
+	return &csi.CreateVolumeResponse{Volume: withPVC(rec.csiVolume(), req.GetParameters())}, nil
 }
 
 // sameVolume decides whether an existing volume answers a repeated

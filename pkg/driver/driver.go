@@ -86,6 +86,9 @@ type Driver struct {
 
 	ctrlLocks *keyLocks
 	nodeLocks *keyLocks
+
+	metrics  *metrics        // metrics.go
+	refusals *refusalLimiter // eventlimit.go
 }
 
 var driverNamePattern = regexp.MustCompile(`^[a-zA-Z][A-Za-z0-9-._]{0,61}[a-zA-Z]$`)
@@ -136,7 +139,8 @@ func New(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Driver{cfg: cfg, ctrlLocks: newKeyLocks(), nodeLocks: newKeyLocks()}
+	d := &Driver{cfg: cfg, ctrlLocks: newKeyLocks(), nodeLocks: newKeyLocks(), refusals: newRefusalLimiter()}
+	d.metrics = newMetrics(d)
 	if d.images, err = NewImages(cfg.DataDir); err != nil {
 		return nil, err
 	}
@@ -182,23 +186,29 @@ func (d *Driver) Recover(ctx context.Context) error {
 	auto, why := d.autoExporter()
 	klog.InfoS("Exporters of this node", "attacher", d.cfg.Attacher.Kind(), "zonedAttacher", kindOrNone(d.cfg.ZonedAttacher),
 		"auto", auto.Kind(), "reason", why, ExporterTopologyKey, d.exporterSegment())
-	open := func(a nbdattach.Attachment) (nbdattach.Backend, error) {
-		s, err := d.images.acquire(a.VolumeID)
-		if err != nil {
-			return nil, err
-		}
-		return &slotBackend{s: s, ro: a.ReadOnly}, nil
-	}
 	live := map[string]string{} // volume id → kind of the attacher serving it
 	var errs []error
 	for _, att := range d.attachers() {
+		open := func(a nbdattach.Attachment) (nbdattach.Backend, error) {
+			s, err := d.images.acquire(a.VolumeID)
+			if err != nil {
+				return nil, err
+			}
+			return d.newSlotBackend(a.VolumeID, s, a.ReadOnly, att.Kind()), nil
+		}
+		start := time.Now()
 		atts, err := att.Recover(ctx, open)
+		d.metrics.recoveryDur.WithLabelValues(att.Kind()).Set(time.Since(start).Seconds())
+		d.metrics.recovered.WithLabelValues(att.Kind()).Add(float64(len(atts)))
 		klog.InfoS("Recovered attachments", "count", len(atts), "attacher", att.Kind())
 		if err != nil {
 			errs = append(errs, fmt.Errorf("recover %s attachments: %w", att.Kind(), err))
 		}
 		for _, a := range atts {
 			live[a.VolumeID] = att.Kind()
+			d.event(Event{Type: EventNormal, Reason: ReasonVolumeRecovered, VolumeID: a.VolumeID,
+				Message: fmt.Sprintf("attachment %s taken back by the %s exporter after the node plugin restarted (recovery took %s)",
+					a.DevicePath, att.Kind(), time.Since(start).Round(time.Millisecond))})
 		}
 	}
 	d.reportQuarantined(d.attacherQuarantined())
@@ -214,6 +224,10 @@ func (d *Driver) Recover(ctx context.Context) error {
 			if err := d.node.put(st); err != nil {
 				return err
 			}
+			d.metrics.lost.WithLabelValues(st.attacherKind(d.cfg.Attacher)).Inc()
+			d.metrics.forget(st.ID)
+			d.event(Event{Type: EventWarning, Reason: ReasonVolumeLost, VolumeID: st.ID,
+				Message: fmt.Sprintf("volume was staged through the %s exporter before the node plugin restarted and its attachment did not come back; it must be staged again", st.attacherKind(d.cfg.Attacher))})
 		}
 	}
 	d.ready.Store(true)
@@ -242,7 +256,7 @@ func (d *Driver) Register(s *grpc.Server, mode Mode) {
 // NewServer returns a gRPC server with the services of mode and the
 // logging interceptor.
 func (d *Driver) NewServer(mode Mode) *grpc.Server {
-	s := grpc.NewServer(grpc.UnaryInterceptor(logInterceptor))
+	s := grpc.NewServer(grpc.UnaryInterceptor(d.UnaryInterceptor()))
 	d.Register(s, mode)
 	return s
 }

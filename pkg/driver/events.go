@@ -16,6 +16,10 @@ type Event struct {
 	// VolumeID names the volume concerned, when there is one (the object
 	// a recorder would attach the event to); empty: the node or plugin.
 	VolumeID string
+	// PVCNamespace and PVCName name the volume's claim when the driver
+	// knows it (the provisioner's --extra-create-metadata puts it in the
+	// volume context): the object a recorder attaches the event to first.
+	PVCNamespace, PVCName string
 }
 
 // Event types and reasons of the driver.
@@ -39,15 +43,22 @@ const (
 // record that always exists; OnEvent is the hook a Kubernetes event
 // recorder plugs into.
 func (d *Driver) event(e Event) {
+	if e.VolumeID != "" && e.PVCName == "" {
+		e.PVCNamespace, e.PVCName = d.pvcOf(e.VolumeID)
+	}
 	kv := []any{"reason", e.Reason, "message", e.Message}
 	if e.VolumeID != "" {
 		kv = append(kv, "volumeID", e.VolumeID)
+	}
+	if e.PVCName != "" {
+		kv = append(kv, "pvc", e.PVCNamespace+"/"+e.PVCName)
 	}
 	if e.Type == EventWarning {
 		klog.ErrorS(nil, "Event", kv...)
 	} else {
 		klog.InfoS("Event", kv...)
 	}
+	d.metrics.events.WithLabelValues(e.Type, e.Reason).Inc()
 	if d.cfg.OnEvent != nil {
 		d.cfg.OnEvent(e)
 	}

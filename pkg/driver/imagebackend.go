@@ -2,6 +2,7 @@ package driver
 
 import (
 	"syscall"
+	"time"
 
 	"github.com/zq-csi/zq-csi/pkg/nbdattach"
 	"github.com/zq-csi/zq-csi/pkg/qcow2"
@@ -16,6 +17,8 @@ import (
 type slotBackend struct {
 	s  *imageSlot
 	ro bool
+	// obs counts what the backend serves (metrics.go); nil: nothing.
+	obs *volumeObserver
 }
 
 var (
@@ -46,7 +49,8 @@ func (b *slotBackend) zb() (nbdattach.ZonedBackend, func(), error) {
 	return nbdattach.ZonedBackend{D: b.s.dev}, b.s.gate.RUnlock, nil
 }
 
-func (b *slotBackend) ReadAt(p []byte, off int64) (int, error) {
+func (b *slotBackend) ReadAt(p []byte, off int64) (n int, err error) {
+	defer b.obs.done(opRead, time.Now(), &err, func() { b.obs.st.read.Add(uint64(n)) })
 	z, done, err := b.zb()
 	if err != nil {
 		return 0, err
@@ -55,7 +59,8 @@ func (b *slotBackend) ReadAt(p []byte, off int64) (int, error) {
 	return z.ReadAt(p, off)
 }
 
-func (b *slotBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
+func (b *slotBackend) WriteAt(p []byte, off int64, fua bool) (n int, err error) {
+	defer b.obs.done(opWrite, time.Now(), &err, func() { b.obs.st.written.Add(uint64(n)) })
 	if b.ro {
 		return 0, syscall.EPERM
 	}
@@ -67,7 +72,8 @@ func (b *slotBackend) WriteAt(p []byte, off int64, fua bool) (int, error) {
 	return z.WriteAt(p, off, fua)
 }
 
-func (b *slotBackend) Flush() error {
+func (b *slotBackend) Flush() (err error) {
+	defer b.obs.done(opFlush, time.Now(), &err, nil)
 	z, done, err := b.zb()
 	if err != nil {
 		return err
@@ -76,7 +82,10 @@ func (b *slotBackend) Flush() error {
 	return z.Flush()
 }
 
-func (b *slotBackend) Trim(off, length int64) error {
+func (b *slotBackend) Trim(off, length int64) (err error) {
+	// On NBD a whole-zone TRIM is the zone reset (spec §6).
+	resets := uint64(0)
+	defer b.obs.done(opTrim, time.Now(), &err, func() { b.obs.st.resets.Add(resets) })
 	if b.ro {
 		return syscall.EPERM
 	}
@@ -85,10 +94,14 @@ func (b *slotBackend) Trim(off, length int64) error {
 		return err
 	}
 	defer done()
+	if b.obs != nil {
+		resets = wholeSequentialZones(b.s.dev.Geometry(), off, length)
+	}
 	return z.Trim(off, length)
 }
 
-func (b *slotBackend) WriteZeroes(off, length int64, noHole bool) error {
+func (b *slotBackend) WriteZeroes(off, length int64, noHole bool) (err error) {
+	defer b.obs.done(opWriteZeroes, time.Now(), &err, func() { b.obs.st.written.Add(uint64(length)) })
 	if b.ro {
 		return syscall.EPERM
 	}
@@ -126,7 +139,11 @@ func (b *slotBackend) BlockStatus(ctx string, off, length int64) ([]nbdattach.Ex
 // zone append, zone management, zone reports — so those go straight to
 // the zoned device, under the same gate.
 
-func (b *slotBackend) Append(zone int, p []byte, fua bool) (uint64, error) {
+func (b *slotBackend) Append(zone int, p []byte, fua bool) (off uint64, err error) {
+	defer b.obs.done(opAppend, time.Now(), &err, func() {
+		b.obs.st.written.Add(uint64(len(p)))
+		b.obs.st.appends.Add(1)
+	})
 	if b.ro {
 		return 0, syscall.EPERM
 	}
@@ -138,7 +155,8 @@ func (b *slotBackend) Append(zone int, p []byte, fua bool) (uint64, error) {
 	return b.s.dev.Append(zone, p, fua)
 }
 
-func (b *slotBackend) Mgmt(op zoned.Op, off, length uint64) error {
+func (b *slotBackend) Mgmt(op zoned.Op, off, length uint64) (err error) {
+	defer b.obs.done(opZoneMgmt, time.Now(), &err, func() { b.obs.mgmt(op) })
 	if b.ro {
 		return syscall.EPERM
 	}

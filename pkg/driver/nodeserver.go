@@ -36,6 +36,9 @@ type StagedVolume struct {
 	// attacher). ExporterReason says why it was chosen.
 	Attacher       string `json:"attacher,omitempty"`
 	ExporterReason string `json:"exporterReason,omitempty"`
+	// PVCNamespace/PVCName: the claim, from the volume context (events).
+	PVCNamespace string `json:"pvcNamespace,omitempty"`
+	PVCName      string `json:"pvcName,omitempty"`
 }
 
 // attacherKind is the kind of the attacher that staged r, given the
@@ -172,19 +175,24 @@ func (s *nodeServer) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolu
 		return nil, err
 	}
 	att, err := attacher.Attach(ctx, nbdattach.AttachRequest{
-		VolumeID: id, ImagePath: s.d.images.VolumePath(id), Backend: &slotBackend{s: slot, ro: ro}, ReadOnly: ro})
+		VolumeID: id, ImagePath: s.d.images.VolumePath(id), Backend: s.d.newSlotBackend(id, slot, ro, attacher.Kind()), ReadOnly: ro})
 	if err != nil {
 		s.d.images.release(id)
+		s.d.metrics.forget(id)
 		return nil, fmt.Errorf("attach volume %s (%s attacher: %s): %w", id, attacher.Kind(), reason, err)
 	}
 	st = &StagedVolume{ID: id, StagingPath: staging, ImagePath: att.ImagePath, DevicePath: att.DevicePath,
 		AccessMode: int32(mode), ReadOnly: ro, Targets: map[string]bool{}, Attacher: attacher.Kind(), ExporterReason: reason}
+	st.PVCNamespace, st.PVCName = pvcFromContext(req.GetVolumeContext())
 	if err := s.d.node.put(st); err != nil {
 		attacher.Detach(ctx, id)
 		s.d.images.release(id)
+		s.d.metrics.forget(id)
 		return nil, err
 	}
 	klog.InfoS("Staged volume", "volumeID", id, "device", att.DevicePath, "attacher", attacher.Kind(), "reason", reason)
+	s.d.event(Event{Type: EventNormal, Reason: ReasonExporterChosen, VolumeID: id, PVCNamespace: st.PVCNamespace, PVCName: st.PVCName,
+		Message: fmt.Sprintf("staged on node %s as %s through the %s exporter: %s", s.d.cfg.NodeID, att.DevicePath, attacher.Kind(), reason)})
 	return &csi.NodeStageVolumeResponse{}, nil
 }
 
@@ -240,6 +248,8 @@ func (s *nodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstage
 	if err := s.d.node.remove(id); err != nil {
 		return nil, err
 	}
+	s.d.metrics.forget(id)
+	s.d.refusals.forget(id)
 	if st != nil {
 		klog.InfoS("Unstaged volume", "volumeID", id, "attacher", st.attacherKind(s.d.cfg.Attacher))
 	}

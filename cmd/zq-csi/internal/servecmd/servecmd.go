@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -51,6 +52,7 @@ type options struct {
 	exporter                                                        string
 	kubeletRegDir, kubeletRegPath                                   string
 	orphanGrace                                                     time.Duration
+	metricsAddress                                                  string
 }
 
 // verbosity is --v: klog's level, checked where it is given so that a bad
@@ -71,22 +73,23 @@ func (v *verbosity) Set(s string) error {
 // is not given (first set one wins). The CSI_ENDPOINT and node-name
 // spellings are the ones Kubernetes manifests conventionally use.
 var envNames = map[string][]string{
-	"endpoint":       {"ZQ_CSI_ENDPOINT", "CSI_ENDPOINT"},
-	"mode":           {"ZQ_CSI_MODE"},
-	"node-id":        {"ZQ_CSI_NODE_ID", "NODE_NAME", "KUBE_NODE_NAME"},
-	"data-dir":       {"ZQ_CSI_DATA_DIR"},
-	"state-dir":      {"ZQ_CSI_STATE_DIR"},
-	"driver-name":    {"ZQ_CSI_DRIVER_NAME"},
-	"attacher":       {"ZQ_CSI_ATTACHER"},
-	"max-volumes":    {"ZQ_CSI_MAX_VOLUMES"},
-	"backend":        {"ZQ_CSI_BACKEND"},
-	"kubeconfig":     {"KUBECONFIG"},
-	"kube-api-qps":   {"ZQ_CSI_KUBE_API_QPS"},
-	"kube-api-burst": {"ZQ_CSI_KUBE_API_BURST"},
-	"v":              {"ZQ_CSI_V"},
-	"exporter":       {"ZQ_CSI_EXPORTER"},
-	"ublk-queues":    {"ZQ_CSI_UBLK_QUEUES"},
-	"orphan-grace":   {"ZQ_CSI_ORPHAN_GRACE"},
+	"endpoint":        {"ZQ_CSI_ENDPOINT", "CSI_ENDPOINT"},
+	"mode":            {"ZQ_CSI_MODE"},
+	"node-id":         {"ZQ_CSI_NODE_ID", "NODE_NAME", "KUBE_NODE_NAME"},
+	"data-dir":        {"ZQ_CSI_DATA_DIR"},
+	"state-dir":       {"ZQ_CSI_STATE_DIR"},
+	"driver-name":     {"ZQ_CSI_DRIVER_NAME"},
+	"attacher":        {"ZQ_CSI_ATTACHER"},
+	"max-volumes":     {"ZQ_CSI_MAX_VOLUMES"},
+	"backend":         {"ZQ_CSI_BACKEND"},
+	"kubeconfig":      {"KUBECONFIG"},
+	"kube-api-qps":    {"ZQ_CSI_KUBE_API_QPS"},
+	"kube-api-burst":  {"ZQ_CSI_KUBE_API_BURST"},
+	"v":               {"ZQ_CSI_V"},
+	"exporter":        {"ZQ_CSI_EXPORTER"},
+	"ublk-queues":     {"ZQ_CSI_UBLK_QUEUES"},
+	"orphan-grace":    {"ZQ_CSI_ORPHAN_GRACE"},
+	"metrics-address": {"ZQ_CSI_METRICS_ADDRESS"},
 
 	"kubelet-registration-dir":  {"ZQ_CSI_KUBELET_REGISTRATION_DIR"},
 	"kubelet-registration-path": {"ZQ_CSI_KUBELET_PLUGIN_SOCKET"},
@@ -125,6 +128,7 @@ func newFlags(o *options) *flag.FlagSet {
 	fs.StringVar(&o.exporter, "exporter", "auto", "the exporters this node offers: auto (ublk as well as --attacher when /dev/ublk-control exists, or modprobe ublk_drv loads it, and the kernel has zoned ublk), nbd (--attacher only), or ublk (as auto, but fail at start without zoned ublk); volumes pick with their exporter parameter")
 	fs.IntVar(&o.ublkQueues, "ublk-queues", 1, "hardware queues of each ublk device, a thread each (0: one per CPU, at most 4); two queues measured slower than one in the VM lane (2 vCPUs: 0.80x zoned write, 0.87x random read), try more on nodes with many real CPUs")
 	fs.DurationVar(&o.orphanGrace, "orphan-grace", driver.DefaultOrphanGrace, "how long a volume or snapshot may stay half-created (an interrupted CreateVolume that nobody retries) before the controller removes it and its partial image; 0 or less: never")
+	fs.StringVar(&o.metricsAddress, "metrics-address", "", "host:port to serve Prometheus metrics on at /metrics (CSI operations, per staged volume zones, bytes and zone-rule refusals, export latency, node data-dir space); empty: no metrics server")
 	fs.StringVar(&o.kubeletRegDir, "kubelet-registration-dir", "", "the kubelet's plugins_registry directory: when set, the node plugin registers itself with the kubelet there (no csi-node-driver-registrar sidecar)")
 	fs.StringVar(&o.kubeletRegPath, "kubelet-registration-path", "", "the CSI socket's path as the kubelet dials it, on the host (default: the --endpoint path)")
 	return fs
@@ -289,6 +293,11 @@ func (o options) check() error {
 	if o.backend == "cluster" && (o.kubeQPS <= 0 || o.kubeBurst <= 0) {
 		return fmt.Errorf("--kube-api-qps=%v --kube-api-burst=%d: both must be positive", o.kubeQPS, o.kubeBurst)
 	}
+	if o.metricsAddress != "" {
+		if _, _, err := net.SplitHostPort(o.metricsAddress); err != nil {
+			return fmt.Errorf("--metrics-address=%s: must be host:port (e.g. :9809, 127.0.0.1:0): %v", o.metricsAddress, err)
+		}
+	}
 	if o.kubeletRegDir != "" && o.mode == "controller" {
 		return errors.New("--kubelet-registration-dir: only the node plugin (--mode node or all) registers with the kubelet")
 	}
@@ -340,10 +349,19 @@ func run(ctx context.Context, o options, version string) (err error) {
 	switch o.backend {
 	case "local":
 	case "cluster":
-		var err error
-		if kube, err = dynamicClient(o.kubeconfig, float32(o.kubeQPS), o.kubeBurst); err != nil {
+		rc, err := restConfig(o.kubeconfig, float32(o.kubeQPS), o.kubeBurst)
+		if err != nil {
 			return err
 		}
+		if kube, err = dynamic.NewForConfig(rc); err != nil {
+			return err
+		}
+		onEvent, stopEvents, err := eventRecorder(rc, o)
+		if err != nil {
+			return err
+		}
+		defer stopEvents()
+		cfg.OnEvent = onEvent
 		if cfg.Mode != driver.ModeNode {
 			cfg.Backend = driver.NewClusterBackend(kube, driver.ClusterBackendOptions{})
 		}
@@ -373,6 +391,14 @@ func run(ctx context.Context, o options, version string) (err error) {
 	d, err := driver.New(cfg)
 	if err != nil {
 		return err
+	}
+	if o.metricsAddress != "" {
+		addr, stopMetrics, err := d.ServeMetrics(o.metricsAddress)
+		if err != nil {
+			return fmt.Errorf("--metrics-address=%s: %w", o.metricsAddress, err)
+		}
+		defer stopMetrics()
+		klog.InfoS("Serving metrics", "address", addr, "path", "/metrics")
 	}
 	if cfg.Mode != driver.ModeController { // read by `zq-csi volume` and `kubectl zq`
 		if stopDebug, err := d.ServeDebug(filepath.Join(o.stateDir, driver.DebugSocketName)); err != nil {
@@ -411,9 +437,9 @@ func run(ctx context.Context, o options, version string) (err error) {
 	return err
 }
 
-// dynamicClient connects to the API server named by kubeconfig, or to the
-// one this pod runs under.
-func dynamicClient(kubeconfig string, qps float32, burst int) (dynamic.Interface, error) {
+// restConfig is the API server named by kubeconfig, or the one this pod
+// runs under.
+func restConfig(kubeconfig string, qps float32, burst int) (*rest.Config, error) {
 	if qps <= 0 || burst <= 0 {
 		return nil, fmt.Errorf("--kube-api-qps=%v --kube-api-burst=%d: both must be positive", qps, burst)
 	}
@@ -429,7 +455,7 @@ func dynamicClient(kubeconfig string, qps float32, burst int) (dynamic.Interface
 	}
 	rc.UserAgent = "zq-csi"
 	rc.QPS, rc.Burst = qps, burst
-	return dynamic.NewForConfig(rc)
+	return rc, nil
 }
 
 func newAttacher(kind, stateDir string) (nbdattach.Attacher, error) {

@@ -2,9 +2,14 @@ package servecmd
 
 import (
 	"bytes"
+	"context"
+	"io"
+	"net/http"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestFlagsFromEnvironment(t *testing.T) {
@@ -80,5 +85,52 @@ func TestNewZonedAttacherNBD(t *testing.T) {
 	a, why, err := newZonedAttacher("nbd", t.TempDir(), 0)
 	if a != nil || err != nil || !strings.Contains(why, "--exporter=nbd") {
 		t.Fatalf("--exporter=nbd: %v %q %v; want no zoned attacher, and why", a, why, err)
+	}
+}
+
+func TestMetricsAddressFlag(t *testing.T) {
+	var stderr bytes.Buffer
+	code := Main([]string{"--data-dir", t.TempDir(), "--node-id", "n1", "--attacher", "file", "--metrics-address", "9809"},
+		Env{Stdout: &stderr, Stderr: &stderr, Getenv: func(string) string { return "" }})
+	if code != 2 || !strings.Contains(stderr.String(), "--metrics-address=9809: must be host:port") {
+		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+
+	// From the environment, port 0: the log says where; /metrics answers
+	// with the driver's metrics while serve runs.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	logs := &syncBuffer{}
+	done := make(chan int, 1)
+	env := map[string]string{"ZQ_CSI_METRICS_ADDRESS": "127.0.0.1:0"}
+	go func() {
+		done <- Main([]string{"--data-dir", t.TempDir(), "--node-id", "n1", "--attacher", "file", "--endpoint", "unix://" + t.TempDir() + "/csi.sock"},
+			Env{Stdout: logs, Stderr: logs, Getenv: func(k string) string { return env[k] }, Context: ctx})
+	}()
+	re := regexp.MustCompile(`"Serving metrics" address="([^"]+)"`)
+	var addr string
+	for deadline := time.Now().Add(20 * time.Second); addr == "" && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if m := re.FindStringSubmatch(logs.String()); m != nil {
+			addr = m[1]
+		}
+	}
+	if addr == "" {
+		cancel()
+		t.Fatalf("no metrics address logged: %s", logs.String())
+	}
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"# TYPE zq_csi_node_data_dir_free_bytes gauge", "go_goroutines"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %q:\n%s", want, body)
+		}
+	}
+	cancel()
+	if code := <-done; code != 0 {
+		t.Fatalf("serve exit %d: %s", code, logs.String())
 	}
 }
